@@ -1,1 +1,53 @@
-fn main(){}
+//! The `loopchat` binary: command line → [`Config`] → [`Server::bind`] →
+//! [`Server::run`]. Exit codes: 0 after a clean shutdown, 1 when the loop
+//! fails, 2 for a bad command line or a server that cannot start.
+
+use std::process::ExitCode;
+
+use loopchat::config::{self, Parsed};
+use loopchat::{Config, Server};
+
+fn main() -> ExitCode {
+    let config = match Config::from_args(std::env::args_os().skip(1)) {
+        Ok(Parsed::Run(config)) => *config,
+        Ok(Parsed::Help) => {
+            print!("{}", config::help());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            println!("loopchat {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("loopchat: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    loopchat::logger::init(config.log_level);
+    let history = if config.persist {
+        format!("{} (fsync {})", config.data_dir.display(), config.fsync)
+    } else {
+        "memory only".to_string()
+    };
+    let server = match Server::bind(config.clone()) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("loopchat: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    log::info!(
+        "listening on ws://{}/ws (history: {history}; max {} connections, {} B messages, {} B outbox)",
+        server.local_addr(),
+        server.max_connections(),
+        config.max_message_bytes,
+        config.max_outbox_bytes,
+    );
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}

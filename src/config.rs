@@ -1,0 +1,518 @@
+//! Every limit and timeout, with its default and the reason for it, and the
+//! command line that sets them.
+//!
+//! The defaults are what `cargo run --release` runs with: they suit a small
+//! host (a $5 VPS, a Raspberry Pi) and a load test alike. `docs/operations.md`
+//! lists the same flags for operators; `--help` prints them from here.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tungstenite::protocol::WebSocketConfig;
+
+/// How durable a message must be before it is released (`--fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Sync before any recipient sees the message (group commit per loop
+    /// iteration).
+    Always,
+    /// A helper thread syncs once a second: at most ~1 s lost on power cut.
+    Everysec,
+    /// Leave it to the OS.
+    Never,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "everysec" => Ok(Fsync::Everysec),
+            "never" => Ok(Fsync::Never),
+            _ => Err(format!("expected always, everysec or never, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for Fsync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fsync::Always => "always",
+            Fsync::Everysec => "everysec",
+            Fsync::Never => "never",
+        })
+    }
+}
+
+/// The whole configuration. `Config::default()` is the embedded default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None`: derived from the open-file limit at start, minus a reserve.
+    pub max_connections: Option<usize>,
+    pub max_head_bytes: usize,
+    pub max_message_bytes: usize,
+    pub max_content_bytes: usize,
+    pub max_rooms_per_user: usize,
+    pub max_outbox_bytes: usize,
+    pub read_buffer_bytes: usize,
+    pub rate_per_s: u32,
+    pub rate_burst: u32,
+    pub history_limit: usize,
+    pub history_keep: usize,
+    pub handshake_timeout_ms: u64,
+    pub heartbeat_ms: u64,
+    pub shutdown_grace_ms: u64,
+    /// Empty: any origin.
+    pub allowed_origins: Vec<String>,
+    /// token → username, loaded from `--auth-file`.
+    pub auth: Option<HashMap<String, String>>,
+    pub echo: bool,
+    pub persist: bool,
+    pub data_dir: PathBuf,
+    pub fsync: Fsync,
+    pub retain_messages: u64,
+    pub log_level: log::LevelFilter,
+    pub trace_loop: bool,
+    /// Install SIGINT/SIGTERM handlers (the binary does; in-process tests
+    /// stop the server through its handle instead).
+    pub signals: bool,
+}
+
+/// Requests head larger than this get 431: 8 KiB is what common proxies
+/// allow, and a chat upgrade needs a few hundred bytes.
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// File descriptors kept back from `--max-connections` for the listener,
+/// the poll, signals, log files and the 503 answers to connections over the
+/// limit.
+pub const FD_RESERVE: usize = 128;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: None,
+            max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
+            // 64 KiB: ample for a chat line, small enough that a thousand
+            // half-sent messages cannot exhaust a small host.
+            max_message_bytes: 64 * 1024,
+            max_content_bytes: 4096,
+            max_rooms_per_user: 32,
+            // 256 KiB of unsent output per connection: over a thousand
+            // typical messages of slack before a reader counts as stuck.
+            max_outbox_bytes: 256 * 1024,
+            // tungstenite allocates and zero-fills this per connection;
+            // its 128 KiB default would dominate idle memory. Chat frames
+            // are small; a larger message just takes several reads.
+            read_buffer_bytes: 1024,
+            rate_per_s: 20,
+            rate_burst: 40,
+            history_limit: 50,
+            history_keep: 1000,
+            handshake_timeout_ms: 10_000,
+            // Must be shorter than the idle timeouts of common proxies
+            // (nginx: 60 s) so that pings keep proxied connections alive.
+            heartbeat_ms: 30_000,
+            shutdown_grace_ms: 5_000,
+            allowed_origins: Vec::new(),
+            auth: None,
+            echo: false,
+            persist: true,
+            data_dir: PathBuf::from("./loopchat-data"),
+            fsync: Fsync::Everysec,
+            retain_messages: 100_000,
+            log_level: log::LevelFilter::Info,
+            trace_loop: false,
+            signals: true,
+        }
+    }
+}
+
+/// A command line that cannot be used.
+#[derive(Debug)]
+pub enum ConfigError {
+    UnknownFlag(String),
+    BadValue { flag: &'static str, why: String },
+    MissingValue(&'static str),
+    AuthFile { path: PathBuf, why: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::UnknownFlag(flag) => write!(f, "unknown argument {flag} (see --help)"),
+            ConfigError::BadValue { flag, why } => write!(f, "bad value for --{flag}: {why}"),
+            ConfigError::MissingValue(flag) => write!(f, "--{flag} needs a value"),
+            ConfigError::AuthFile { path, why } => {
+                write!(f, "auth file {}: {why}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Parsed {
+    Run(Box<Config>),
+    Help,
+    Version,
+}
+
+/// `--help` text. Every flag, with its default.
+pub fn help() -> String {
+    let d = Config::default();
+    format!(
+        "loopchat {version}: a WebSocket chat server on one thread and one poll loop
+
+USAGE: loopchat [FLAGS]
+
+Network
+  --listen ADDR              address to listen on [{listen}]
+  --max-connections N        open connections before 503 [open-file limit - {reserve}]
+  --allowed-origins A,B      Origin values allowed to upgrade (403 otherwise) [any]
+  --auth-file PATH           lines \"TOKEN USERNAME\"; ?token= becomes required [none]
+  --echo                     serve /echo, an echo endpoint for conformance tests [off]
+
+Limits
+  --max-head-bytes N         request head size before 431 [{head}]
+  --max-message-bytes N      frame or message size before close 1009 [{msg}]
+  --max-content-bytes N      message content size before error too_long [{content}]
+  --max-rooms-per-user N     rooms one user may be in [{rooms}]
+  --max-outbox-bytes N       unsent output before close 1008 (slow consumer) [{outbox}]
+  --read-buffer-bytes N      per-connection read buffer [{readbuf}]
+  --rate-per-s N             commands per second per connection [{rate}]
+  --rate-burst N             burst of commands allowed at once [{burst}]
+
+History
+  --history-limit N          messages sent on join and per history page [{hlimit}]
+  --history-keep N           messages kept in memory per room [{hkeep}]
+  --data-dir DIR             where room logs are kept [{dir}]
+  --no-persist               keep history in memory only
+  --fsync MODE               always | everysec | never [{fsync}]
+  --retain-messages N        messages kept on disk per room [{retain}]
+
+Timers
+  --handshake-timeout-ms N   drop a client that has not finished its handshake [{hs}]
+  --heartbeat-ms N           ping a silent client after N ms, drop it after 2N [{hb}]
+  --shutdown-grace-ms N      wait for close replies on SIGINT/SIGTERM [{grace}]
+
+Logging
+  --log-level LEVEL          error | warn | info | debug | trace [{level}] (or LOOPCHAT_LOG)
+  --trace-loop               print every poll iteration's events (teaching aid)
+
+  -h, --help                 this text
+  -V, --version              the version
+",
+        version = env!("CARGO_PKG_VERSION"),
+        listen = d.listen,
+        reserve = FD_RESERVE,
+        head = d.max_head_bytes,
+        msg = d.max_message_bytes,
+        content = d.max_content_bytes,
+        rooms = d.max_rooms_per_user,
+        outbox = d.max_outbox_bytes,
+        readbuf = d.read_buffer_bytes,
+        rate = d.rate_per_s,
+        burst = d.rate_burst,
+        hlimit = d.history_limit,
+        hkeep = d.history_keep,
+        dir = d.data_dir.display(),
+        fsync = d.fsync,
+        retain = d.retain_messages,
+        hs = d.handshake_timeout_ms,
+        hb = d.heartbeat_ms,
+        grace = d.shutdown_grace_ms,
+        level = d.log_level.as_str().to_lowercase(),
+    )
+}
+
+impl Config {
+    /// A configuration for tests: an ephemeral port, history in memory, no
+    /// signal handlers.
+    pub fn for_tests() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            persist: false,
+            signals: false,
+            log_level: log::LevelFilter::Warn,
+            ..Config::default()
+        }
+    }
+
+    /// Parse a command line (without the program name). `LOOPCHAT_LOG`
+    /// sets the log level unless `--log-level` does.
+    pub fn from_args<I>(args: I) -> Result<Parsed, ConfigError>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        use lexopt::prelude::*;
+        let mut c = Config::default();
+        if let Ok(level) = std::env::var("LOOPCHAT_LOG") {
+            c.log_level = parse_level(&level).map_err(|why| ConfigError::BadValue {
+                flag: "log-level",
+                why: format!("LOOPCHAT_LOG: {why}"),
+            })?;
+        }
+        let mut auth_file = None;
+        let mut p = lexopt::Parser::from_args(args);
+        loop {
+            let arg = match p.next() {
+                Ok(Some(arg)) => arg,
+                Ok(None) => break,
+                Err(e) => return Err(ConfigError::UnknownFlag(e.to_string())),
+            };
+            match arg {
+                Short('h') | Long("help") => return Ok(Parsed::Help),
+                Short('V') | Long("version") => return Ok(Parsed::Version),
+                Long("listen") => c.listen = value(&mut p, "listen")?,
+                Long("max-connections") => {
+                    c.max_connections = Some(positive(&mut p, "max-connections")?)
+                }
+                Long("max-head-bytes") => c.max_head_bytes = at_least(&mut p, "max-head-bytes", 256)?,
+                Long("max-message-bytes") => {
+                    c.max_message_bytes = at_least(&mut p, "max-message-bytes", 128)?
+                }
+                Long("max-content-bytes") => {
+                    c.max_content_bytes = positive(&mut p, "max-content-bytes")?
+                }
+                Long("max-rooms-per-user") => {
+                    c.max_rooms_per_user = positive(&mut p, "max-rooms-per-user")?
+                }
+                Long("max-outbox-bytes") => {
+                    c.max_outbox_bytes = at_least(&mut p, "max-outbox-bytes", 1024)?
+                }
+                Long("read-buffer-bytes") => {
+                    c.read_buffer_bytes = at_least(&mut p, "read-buffer-bytes", 64)?
+                }
+                Long("rate-per-s") => c.rate_per_s = positive(&mut p, "rate-per-s")?,
+                Long("rate-burst") => c.rate_burst = positive(&mut p, "rate-burst")?,
+                Long("history-limit") => c.history_limit = value(&mut p, "history-limit")?,
+                Long("history-keep") => c.history_keep = value(&mut p, "history-keep")?,
+                Long("handshake-timeout-ms") => {
+                    c.handshake_timeout_ms = positive(&mut p, "handshake-timeout-ms")?
+                }
+                Long("heartbeat-ms") => c.heartbeat_ms = positive(&mut p, "heartbeat-ms")?,
+                Long("shutdown-grace-ms") => c.shutdown_grace_ms = value(&mut p, "shutdown-grace-ms")?,
+                Long("allowed-origins") => {
+                    let list: String = value(&mut p, "allowed-origins")?;
+                    c.allowed_origins = list
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect();
+                }
+                Long("auth-file") => auth_file = Some(value::<PathBuf>(&mut p, "auth-file")?),
+                Long("echo") => c.echo = true,
+                Long("no-persist") => c.persist = false,
+                Long("data-dir") => c.data_dir = value(&mut p, "data-dir")?,
+                Long("fsync") => c.fsync = value(&mut p, "fsync")?,
+                Long("retain-messages") => c.retain_messages = positive(&mut p, "retain-messages")?,
+                Long("log-level") => {
+                    let level: String = value(&mut p, "log-level")?;
+                    c.log_level = parse_level(&level).map_err(|why| ConfigError::BadValue {
+                        flag: "log-level",
+                        why,
+                    })?;
+                }
+                Long("trace-loop") => c.trace_loop = true,
+                other => return Err(ConfigError::UnknownFlag(other.unexpected().to_string())),
+            }
+        }
+        if let Some(path) = auth_file {
+            c.auth = Some(load_auth(&path)?);
+        }
+        Ok(Parsed::Run(Box::new(c)))
+    }
+
+    /// tungstenite's settings, derived from ours.
+    pub fn websocket(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes)
+            // Writes go to loopchat's own outbox, never to tungstenite's
+            // buffer for long, so flush every frame straight through.
+            .write_buffer_size(0)
+            .max_write_buffer_size(self.max_outbox_bytes.max(self.max_message_bytes) * 2)
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes))
+    }
+
+    /// `--max-connections`, or what the open-file limit allows.
+    pub fn connection_limit(&self, fd_limit: u64) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            (fd_limit as usize).saturating_sub(FD_RESERVE).max(16)
+        })
+    }
+}
+
+fn value<T>(p: &mut lexopt::Parser, flag: &'static str) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    let raw = p.value().map_err(|_| ConfigError::MissingValue(flag))?;
+    let text = raw.into_string().map_err(|_| ConfigError::BadValue {
+        flag,
+        why: "not valid UTF-8".into(),
+    })?;
+    text.parse().map_err(|e: T::Err| ConfigError::BadValue {
+        flag,
+        why: format!("{text:?}: {e}"),
+    })
+}
+
+fn positive<T>(p: &mut lexopt::Parser, flag: &'static str) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + Default,
+    T::Err: fmt::Display,
+{
+    let v: T = value(p, flag)?;
+    if v <= T::default() {
+        return Err(ConfigError::BadValue {
+            flag,
+            why: "must be greater than 0".into(),
+        });
+    }
+    Ok(v)
+}
+
+fn at_least(p: &mut lexopt::Parser, flag: &'static str, min: usize) -> Result<usize, ConfigError> {
+    let v: usize = value(p, flag)?;
+    if v < min {
+        return Err(ConfigError::BadValue {
+            flag,
+            why: format!("must be at least {min}"),
+        });
+    }
+    Ok(v)
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("expected error, warn, info, debug or trace, got {s:?}"))
+}
+
+/// Read `--auth-file`: one `TOKEN USERNAME` per line, `#` comments allowed.
+fn load_auth(path: &std::path::Path) -> Result<HashMap<String, String>, ConfigError> {
+    let err = |why: String| ConfigError::AuthFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let mut tokens = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(token), Some(user), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(err(format!("line {}: expected \"TOKEN USERNAME\"", n + 1)));
+        };
+        if !crate::rooms::valid_name(user) {
+            return Err(err(format!(
+                "line {}: username must be {}",
+                n + 1,
+                crate::rooms::NAME_RULE
+            )));
+        }
+        tokens.insert(token.to_string(), user.to_string());
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed, ConfigError> {
+        Config::from_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults_without_flags() {
+        let Parsed::Run(c) = parse(&[]).unwrap() else {
+            panic!("expected run")
+        };
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_message_bytes, 65536);
+        assert!(c.persist);
+    }
+
+    #[test]
+    fn flags_set_values() {
+        let Parsed::Run(c) = parse(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-per-s",
+            "5",
+            "--allowed-origins",
+            "http://a, http://b",
+            "--fsync",
+            "always",
+            "--no-persist",
+            "--echo",
+        ])
+        .unwrap() else {
+            panic!("expected run")
+        };
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.rate_per_s, 5);
+        assert_eq!(c.allowed_origins, vec!["http://a", "http://b"]);
+        assert_eq!(c.fsync, Fsync::Always);
+        assert!(!c.persist && c.echo);
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        assert!(matches!(parse(&["--nope"]), Err(ConfigError::UnknownFlag(_))));
+        assert!(matches!(
+            parse(&["--rate-per-s", "0"]),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&["--listen", "nowhere"]),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(parse(&["--listen"]), Err(ConfigError::MissingValue(_))));
+        assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
+    }
+
+    #[test]
+    fn help_lists_every_flag() {
+        let h = help();
+        for flag in [
+            "--listen",
+            "--max-connections",
+            "--allowed-origins",
+            "--auth-file",
+            "--echo",
+            "--max-head-bytes",
+            "--max-message-bytes",
+            "--max-content-bytes",
+            "--max-rooms-per-user",
+            "--max-outbox-bytes",
+            "--rate-per-s",
+            "--rate-burst",
+            "--history-limit",
+            "--data-dir",
+            "--no-persist",
+            "--fsync",
+            "--retain-messages",
+            "--handshake-timeout-ms",
+            "--heartbeat-ms",
+            "--shutdown-grace-ms",
+            "--log-level",
+            "--trace-loop",
+        ] {
+            assert!(h.contains(flag), "{flag} missing from --help");
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! One socket's state machine, from the first byte of its HTTP request to
+//! the last byte of its close.
+//!
+//! ```text
+//!   Head ──(plain request)──────────────▶ Answer ──(flushed, EOF)──▶ gone
+//!     │
+//!     └─(upgrade accepted)─▶ Handshake ─▶ Open ──(close sent)──▶ Closing ─▶ gone
+//!                          (tungstenite's    │                      ▲
+//!                           MidHandshake)    └──(peer closed, error)┘
+//! ```
+//!
+//! A connection knows sockets and frames, nothing about rooms: decoded text
+//! goes to the dispatcher through the server. All output, including what
+//! tungstenite writes itself (the 101, pongs, close replies), goes through
+//! the connection's [`Outbox`], so there is exactly one writer per socket
+//! and the loop decides when bytes leave.
+//!
+//! Read RFC 6455 §4 (handshake), §5.5 (control frames) and §7 (closing)
+//! before editing.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+use tungstenite::handshake::server::{NoCallback, ServerHandshake};
+use tungstenite::handshake::{HandshakeError, MidHandshake};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
+
+use crate::outbox::Outbox;
+
+/// The stream tungstenite reads from and writes to.
+///
+/// Reads come first from `replay` (bytes loopchat already read while
+/// parsing the request head), then from the socket. Writes never touch the
+/// socket: they are queued in the outbox, so tungstenite's own frames
+/// cannot interleave with a broadcast that is half written.
+#[derive(Debug)]
+pub struct Wire {
+    pub sock: TcpStream,
+    replay: Vec<u8>,
+    replay_at: usize,
+    /// Bytes that arrived right behind the request head (a client may send
+    /// its first frame without waiting for the 101). They belong to the
+    /// WebSocket stream, so they are replayed once the handshake is done.
+    early: Vec<u8>,
+    /// While true, reads see only `replay`: tungstenite must parse exactly
+    /// the request head (anything more is `JunkAfterRequest`).
+    handshaking: bool,
+    pub outbox: Outbox,
+    /// Bytes read from the socket since the server last collected them.
+    pub read_bytes: u64,
+}
+
+impl Wire {
+    pub fn new(sock: TcpStream) -> Self {
+        Wire {
+            sock,
+            replay: Vec::new(),
+            replay_at: 0,
+            early: Vec::new(),
+            handshaking: false,
+            outbox: Outbox::new(),
+            read_bytes: 0,
+        }
+    }
+
+    /// Queue raw bytes (an HTTP answer, the 101) for the socket.
+    pub fn queue(&mut self, bytes: Vec<u8>) {
+        self.outbox.push(Bytes::from(bytes));
+    }
+
+    /// Read from the socket into `buf` (which is `len` bytes full).
+    pub fn read_raw(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.read_bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.replay_at < self.replay.len() {
+            let n = (self.replay.len() - self.replay_at).min(buf.len());
+            buf[..n].copy_from_slice(&self.replay[self.replay_at..self.replay_at + n]);
+            self.replay_at += n;
+            if self.replay_at == self.replay.len() {
+                self.replay = Vec::new();
+                self.replay_at = 0;
+            }
+            return Ok(n);
+        }
+        if self.handshaking {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.read_raw(buf)
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.outbox.push(Bytes::copy_from_slice(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // The loop flushes the outbox before it sleeps; see server.rs.
+        Ok(())
+    }
+}
+
+type Handshake = MidHandshake<ServerHandshake<Wire, NoCallback>>;
+
+/// Where the connection is in its life.
+pub enum Phase {
+    /// Reading the HTTP request head into `buf`.
+    Head { wire: Wire, buf: Vec<u8> },
+    /// tungstenite's handshake, suspended because its stream would block;
+    /// resumed on the next readiness event.
+    Handshake(Box<Handshake>),
+    /// A WebSocket session.
+    Open(Box<WebSocket<Wire>>),
+    /// We sent a close frame (or answered one) and wait for the peer's
+    /// reply, the flush, or the close deadline.
+    Closing(Box<WebSocket<Wire>>),
+    /// A plain HTTP answer is queued; after it is flushed the write side is
+    /// shut and the rest of the request is read and discarded until EOF,
+    /// so that the peer sees the answer rather than a reset.
+    Answer { wire: Wire, shut: bool },
+    /// Transient, while a phase is being replaced.
+    Taken,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Head { .. } => "head",
+            Phase::Handshake(_) => "handshake",
+            Phase::Open(_) => "open",
+            Phase::Closing(_) => "closing",
+            Phase::Answer { .. } => "answer",
+            Phase::Taken => "taken",
+        }
+    }
+}
+
+/// What the upgrade leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Echo,
+}
+
+/// One connection in the slab.
+pub struct Conn {
+    /// Distinguishes this connection from earlier occupants of its slab slot.
+    pub generation: u64,
+    pub phase: Phase,
+    pub endpoint: Endpoint,
+    /// The `since` of the upgrade URL, used once when the session opens.
+    pub since: Option<u64>,
+    /// Last time anything arrived (any frame, or request bytes).
+    pub last_seen_ms: u64,
+    /// A heartbeat ping is out and unanswered.
+    pub pinged: bool,
+    /// Holds a dispatcher membership (name claimed) that must be released.
+    pub member: bool,
+    /// Queued in the server's flush list for this iteration.
+    pub dirty: bool,
+    /// Marked for removal after the current event batch.
+    pub doomed: bool,
+    /// Remove as soon as the outbox is flushed (close already answered, or
+    /// a failure that needs no reply).
+    pub close_when_flushed: bool,
+    /// Registered for WRITABLE too (after a flush left bytes behind).
+    pub want_write: bool,
+}
+
+impl Conn {
+    pub fn new(sock: TcpStream, generation: u64, now_ms: u64) -> Self {
+        Conn {
+            generation,
+            phase: Phase::Head {
+                wire: Wire::new(sock),
+                buf: Vec::new(),
+            },
+            endpoint: Endpoint::Chat,
+            since: None,
+            last_seen_ms: now_ms,
+            pinged: false,
+            member: false,
+            dirty: false,
+            doomed: false,
+            close_when_flushed: false,
+            want_write: false,
+        }
+    }
+
+    /// The connection's wire, whatever the phase.
+    pub fn wire(&mut self) -> Option<&mut Wire> {
+        match &mut self.phase {
+            Phase::Head { wire, .. } | Phase::Answer { wire, .. } => Some(wire),
+            Phase::Handshake(mid) => Some(mid.get_mut().get_mut()),
+            Phase::Open(ws) | Phase::Closing(ws) => Some(ws.get_mut()),
+            Phase::Taken => None,
+        }
+    }
+
+    /// Unsent output bytes.
+    pub fn queued(&mut self) -> usize {
+        self.wire().map_or(0, |w| w.outbox.queued())
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+}
+
+/// How a handshake attempt ended.
+pub enum Upgrade {
+    Done(Box<WebSocket<Wire>>),
+    Suspended(Box<Handshake>),
+    Failed(String),
+}
+
+/// Hand the request head to tungstenite. `head` is exactly the request head;
+/// `early` the bytes that followed it.
+pub fn start_handshake(mut wire: Wire, head: Vec<u8>, early: Vec<u8>, config: WebSocketConfig) -> Upgrade {
+    wire.replay = head;
+    wire.replay_at = 0;
+    wire.early = early;
+    wire.handshaking = true;
+    finish(tungstenite::accept_hdr_with_config(wire, NoCallback, Some(config)))
+}
+
+/// Resume a suspended handshake on readiness.
+pub fn resume_handshake(mid: Handshake) -> Upgrade {
+    finish(mid.handshake())
+}
+
+fn finish(result: Result<WebSocket<Wire>, HandshakeError<ServerHandshake<Wire, NoCallback>>>) -> Upgrade {
+    match result {
+        Ok(mut ws) => {
+            let wire = ws.get_mut();
+            wire.handshaking = false;
+            wire.replay = std::mem::take(&mut wire.early);
+            wire.replay_at = 0;
+            Upgrade::Done(Box::new(ws))
+        }
+        // A handshake in progress is a state, not an error: keep it and
+        // resume when the socket is ready again.
+        Err(HandshakeError::Interrupted(mid)) => Upgrade::Suspended(Box::new(mid)),
+        Err(HandshakeError::Failure(e)) => Upgrade::Failed(e.to_string()),
+    }
+}
+
+/// One step of reading an open (or closing) WebSocket.
+pub enum Inbound {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+    /// A ping, pong or close frame arrived (tungstenite queued any reply).
+    Control,
+    /// Nothing more to read until the next readiness event.
+    WouldBlock,
+    /// The close handshake is complete (our reply, if any, is queued).
+    Closed,
+    /// The peer broke the protocol: close with this code.
+    Fail(u16, &'static str),
+    /// The socket is dead (reset, EOF without a close frame, I/O error).
+    Gone,
+}
+
+/// Read the next message. Call until `WouldBlock`: readiness is
+/// edge-triggered, so bytes left in the socket after an early stop would
+/// produce no further event.
+pub fn next_message(ws: &mut WebSocket<Wire>) -> Inbound {
+    use tungstenite::error::{CapacityError, Error, ProtocolError};
+    match ws.read() {
+        Ok(Message::Text(t)) => Inbound::Text(t),
+        Ok(Message::Binary(b)) => Inbound::Binary(b),
+        Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => {
+            Inbound::Control
+        }
+        Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Inbound::WouldBlock,
+        Err(Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => Inbound::Control,
+        Err(Error::ConnectionClosed | Error::AlreadyClosed) => Inbound::Closed,
+        Err(Error::Capacity(CapacityError::MessageTooLong { .. })) => {
+            Inbound::Fail(1009, "message too big")
+        }
+        Err(Error::Capacity(_)) => Inbound::Fail(1009, "message too big"),
+        Err(Error::Utf8(_)) => Inbound::Fail(1007, "invalid UTF-8 in text frame"),
+        Err(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => Inbound::Gone,
+        Err(Error::Protocol(ProtocolError::InvalidCloseSequence)) => {
+            Inbound::Fail(1002, "invalid close frame")
+        }
+        Err(Error::Protocol(_)) => Inbound::Fail(1002, "protocol error"),
+        Err(_) => Inbound::Gone,
+    }
+}
+
+/// Queue a close frame with `code`. Returns false when the socket is
+/// already past closing.
+pub fn send_close(ws: &mut WebSocket<Wire>, code: u16, reason: &'static str) -> bool {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    };
+    match ws.close(Some(frame)) {
+        Ok(()) => true,
+        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => true,
+        Err(_) => false,
+    }
+}

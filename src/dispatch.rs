@@ -1,0 +1,1032 @@
+//! The dispatcher: the single router from a member's command to the events
+//! it causes. It replaces the Go original's `Room.Run` goroutine.
+//!
+//! It owns the room tables and the history, and does no I/O: it is handed a
+//! decoded frame and the time, and it appends `(connection, frame)` pairs to
+//! an [`Outbound`] the loop then delivers. Every event is encoded once; a
+//! broadcast pushes the same shared [`Frame`] for each member. Because
+//! nothing here touches a socket, every command and error is unit-tested
+//! below without one.
+
+use std::borrow::Cow;
+use std::rc::Rc;
+
+use serde_json::value::RawValue;
+
+use crate::protocol::{self, Command, ErrorCode, Frame, Limits};
+use crate::rate::{Bucket, Rate, Verdict};
+use crate::rooms::{self, ConnKey, Joined, Rooms};
+use crate::store::{History, Kept};
+
+/// Hard cap on `history.limit`, from the protocol.
+pub const MAX_HISTORY_PAGE: usize = 500;
+
+/// Most rooms listed in one `rooms` answer, so the answer stays far below
+/// any outbox bound however many rooms exist.
+pub const MAX_ROOMS_LISTED: usize = 1000;
+
+/// What the dispatcher enforces (from [`crate::config::Config`]).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: Limits,
+    /// Most messages replayed for a `since` resume (what history keeps in
+    /// memory per room).
+    pub resume_max: usize,
+    /// Refuse a message whose record could not be kept (`--fsync always`);
+    /// otherwise deliver it and count the failure.
+    pub refuse_unkept: bool,
+}
+
+impl Settings {
+    fn rate(&self) -> Rate {
+        Rate {
+            per_s: self.limits.rate_per_s,
+            burst: self.limits.rate_burst,
+        }
+    }
+}
+
+/// The two clocks a command needs: a monotonic one for rate limits and the
+/// wall clock for `ts`.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub mono_ms: u64,
+    pub unix_ms: u64,
+}
+
+/// A connection the dispatcher wants closed, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub key: ConnKey,
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// Everything one call produced, in order. Reused across calls so that a
+/// busy loop does not allocate per command.
+#[derive(Debug, Default)]
+pub struct Outbound {
+    pub sends: Vec<(ConnKey, Frame)>,
+    pub closes: Vec<CloseRequest>,
+}
+
+impl Outbound {
+    fn to(&mut self, key: ConnKey, frame: Frame) {
+        self.sends.push((key, frame));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sends.is_empty() && self.closes.is_empty()
+    }
+}
+
+/// Query parameters of an upgrade that the dispatcher must check before
+/// the 101 is sent.
+#[derive(Debug, Default, Clone)]
+pub struct SessionRequest {
+    /// `None` asks for a `guest-<n>` name.
+    pub username: Option<String>,
+    pub room: Option<String>,
+}
+
+/// Why an upgrade is refused; the HTTP layer turns it into a status.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: the username breaks the name rule.
+    BadUsername,
+    /// 400: the room name breaks the name rule.
+    BadRoom,
+    /// 409: someone connected holds this name.
+    Taken,
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::BadUsername | Refusal::BadRoom => 400,
+            Refusal::Taken => 409,
+        }
+    }
+
+    pub fn explain(&self) -> String {
+        match self {
+            Refusal::BadUsername => format!("username must be {}", rooms::NAME_RULE),
+            Refusal::BadRoom => format!("room must be {}", rooms::NAME_RULE),
+            Refusal::Taken => "username is already connected".to_string(),
+        }
+    }
+}
+
+/// Running totals for `/stats`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// Room messages accepted.
+    pub messages: u64,
+    /// Room message deliveries queued (one per recipient).
+    pub deliveries: u64,
+    pub directs: u64,
+    pub rate_limited: u64,
+    pub floods: u64,
+    /// Error events sent, all codes.
+    pub errors: u64,
+    /// Messages whose record the history could not keep.
+    pub unkept: u64,
+}
+
+/// The router and the state it routes over.
+pub struct Dispatcher {
+    settings: Settings,
+    tables: Rooms,
+    history: Box<dyn History>,
+    next_guest: u64,
+    pub counters: Counters,
+}
+
+impl Dispatcher {
+    pub fn new(settings: Settings, history: Box<dyn History>) -> Self {
+        Dispatcher {
+            settings,
+            tables: Rooms::new(),
+            history,
+            next_guest: 1,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn tables(&self) -> &Rooms {
+        &self.tables
+    }
+
+    pub fn history(&mut self) -> &mut dyn History {
+        &mut *self.history
+    }
+
+    pub fn history_ref(&self) -> &dyn History {
+        &*self.history
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    /// Check an upgrade and claim its username for `key`. Called before the
+    /// 101 so that a refusal is an HTTP status, not a closed WebSocket.
+    /// Returns the name granted.
+    pub fn admit(
+        &mut self,
+        key: ConnKey,
+        req: &SessionRequest,
+        now: Clock,
+    ) -> Result<Rc<str>, Refusal> {
+        let room = req.room.as_deref().unwrap_or("default");
+        if !rooms::valid_name(room) {
+            return Err(Refusal::BadRoom);
+        }
+        let bucket = Bucket::new(self.settings.rate(), now.mono_ms);
+        let name = match &req.username {
+            Some(name) if !rooms::valid_name(name) => return Err(Refusal::BadUsername),
+            Some(name) => {
+                if !self.tables.add_member(key, name, room, bucket) {
+                    return Err(Refusal::Taken);
+                }
+                name.clone()
+            }
+            None => loop {
+                let name = format!("guest-{}", self.next_guest);
+                self.next_guest += 1;
+                if self.tables.add_member(key, &name, room, bucket.clone()) {
+                    break name;
+                }
+            },
+        };
+        Ok(name.into())
+    }
+
+    /// The WebSocket is open: greet the member and join its home room, with
+    /// `since` as the resume point when the URL had one.
+    pub fn open(&mut self, key: ConnKey, since: Option<u64>, out: &mut Outbound) {
+        let Some(member) = self.tables.member_mut(key) else {
+            return;
+        };
+        member.open = true;
+        let (name, home) = (member.name.clone(), member.home.clone());
+        let content = format!("welcome, {name}");
+        out.to(
+            key,
+            protocol::encode_frame(&protocol::Welcome {
+                kind: "welcome",
+                content: &content,
+                user: &name,
+                room: &home,
+                limits: &self.settings.limits,
+            }),
+        );
+        self.join(key, &home, since, None, out);
+    }
+
+    /// One text frame from `key`.
+    pub fn handle_text(&mut self, key: ConnKey, text: &str, now: Clock, out: &mut Outbound) {
+        if !self.admit_command(key, now, out) {
+            return;
+        }
+        let (command, reference) = match protocol::decode(text) {
+            Ok(decoded) => decoded,
+            Err(rejected) => {
+                let reference = rejected.reference.as_deref();
+                self.error(key, rejected.code, &rejected.reason, reference, out);
+                return;
+            }
+        };
+        let reference = reference.as_deref();
+        match command {
+            Command::Message { content, room } => self.message(key, content, room, reference, now, out),
+            Command::Join { room, since } => {
+                if rooms::valid_name(&room) {
+                    self.join(key, &room, since, reference, out);
+                } else {
+                    self.bad_room(key, reference, out);
+                }
+            }
+            Command::Leave { room } => self.leave(key, &room, reference, out),
+            Command::Direct { to, content } => self.direct(key, &to, &content, reference, now, out),
+            Command::Rooms => self.list_rooms(key, reference, out),
+            Command::Who { room } => self.who(key, &room, reference, out),
+            Command::History { room, before, limit } => {
+                self.page(key, &room, before, limit, reference, out)
+            }
+        }
+    }
+
+    /// One binary frame from `key`: chat is text only.
+    pub fn handle_binary(&mut self, key: ConnKey, now: Clock, out: &mut Outbound) {
+        if self.admit_command(key, now, out) {
+            self.error(
+                key,
+                ErrorCode::BinaryUnsupported,
+                "binary frames are not supported; send JSON text frames",
+                None,
+                out,
+            );
+        }
+    }
+
+    /// The connection is gone (however it ended): leave every room, telling
+    /// each, and release the name. Safe to call for a key that never became
+    /// a member or was already removed.
+    pub fn disconnect(&mut self, key: ConnKey, out: &mut Outbound) {
+        let Some((member, rooms)) = self.tables.remove_member(key) else {
+            return;
+        };
+        if !member.open {
+            return;
+        }
+        for (room, emptied) in rooms {
+            if emptied {
+                self.history.release(&room);
+            } else {
+                self.presence(&room, "leave", &member.name, out);
+            }
+        }
+    }
+
+    // ---- commands -------------------------------------------------------
+
+    /// Rate-limit one command. False when it must not be handled.
+    fn admit_command(&mut self, key: ConnKey, now: Clock, out: &mut Outbound) -> bool {
+        let rate = self.settings.rate();
+        let Some(member) = self.tables.member_mut(key) else {
+            return false;
+        };
+        if !member.open {
+            return false;
+        }
+        match member.bucket.take(rate, now.mono_ms) {
+            Verdict::Allow => true,
+            Verdict::Refuse => {
+                self.counters.rate_limited += 1;
+                let text = format!(
+                    "too many commands: at most {} per second (bursts of {}); slow down",
+                    rate.per_s, rate.burst
+                );
+                self.error(key, ErrorCode::RateLimited, &text, None, out);
+                false
+            }
+            Verdict::Flooding => {
+                self.counters.floods += 1;
+                out.closes.push(CloseRequest {
+                    key,
+                    code: 1008,
+                    reason: "flooding after rate_limited",
+                });
+                false
+            }
+        }
+    }
+
+    fn message(
+        &mut self,
+        key: ConnKey,
+        content: Cow<'_, str>,
+        room: Option<Cow<'_, str>>,
+        reference: Option<&str>,
+        now: Clock,
+        out: &mut Outbound,
+    ) {
+        if content.len() > self.settings.limits.max_content_bytes {
+            let text = format!(
+                "content is {} bytes; at most {} are allowed",
+                content.len(),
+                self.settings.limits.max_content_bytes
+            );
+            return self.error(key, ErrorCode::TooLong, &text, reference, out);
+        }
+        let Some(member) = self.tables.member(key) else {
+            return;
+        };
+        let room: Rc<str> = match room {
+            None => member.home.clone(),
+            Some(r) if !rooms::valid_name(&r) => return self.bad_room(key, reference, out),
+            Some(r) => r.as_ref().into(),
+        };
+        if !member.rooms.iter().any(|r| *r == room) {
+            let text = format!("you are not in room {room}; join it first");
+            return self.error(key, ErrorCode::NotMember, &text, reference, out);
+        }
+        let user = member.name.clone();
+        let id = match self.history.reserve_id(&room) {
+            Ok(id) => id,
+            Err(e) => {
+                let text = format!("message not sent: {e}");
+                return self.error(key, ErrorCode::HistoryUnavailable, &text, reference, out);
+            }
+        };
+        let event = protocol::Message {
+            kind: "message",
+            content: &content,
+            room: &room,
+            user: &user,
+            id,
+            ts: now.unix_ms,
+            reference: None,
+        };
+        // The kept record and the broadcast are the same JSON text.
+        let json: Box<RawValue> = match serde_json::value::to_raw_value(&event) {
+            Ok(json) => json,
+            Err(_) => return,
+        };
+        let shared = protocol::text_frame(json.get());
+        let own = reference.map(|r| {
+            protocol::encode_frame(&protocol::Message {
+                reference: Some(r),
+                ..event
+            })
+        });
+        let kept = Kept {
+            id,
+            json: Rc::from(json),
+        };
+        if let Err(e) = self.history.append(&room, kept) {
+            self.counters.unkept += 1;
+            if self.settings.refuse_unkept {
+                let text = format!("message not sent: it could not be stored ({e})");
+                return self.error(key, ErrorCode::HistoryUnavailable, &text, reference, out);
+            }
+            log::warn!("room {room}: message {id} delivered but not stored: {e}");
+        }
+        self.counters.messages += 1;
+        let Some(r) = self.tables.room(&room) else {
+            return;
+        };
+        self.counters.deliveries += r.members.len() as u64;
+        for &to in &r.members {
+            let frame = match (&own, to == key) {
+                (Some(own), true) => own.clone(),
+                _ => shared.clone(),
+            };
+            out.to(to, frame);
+        }
+    }
+
+    fn join(
+        &mut self,
+        key: ConnKey,
+        room: &str,
+        since: Option<u64>,
+        reference: Option<&str>,
+        out: &mut Outbound,
+    ) {
+        let max_rooms = self.settings.limits.max_rooms_per_user;
+        let joined = self.tables.join(key, room, max_rooms);
+        if joined == Joined::TooMany {
+            let text = format!("you are in {max_rooms} rooms already; leave one first");
+            return self.error(key, ErrorCode::TooManyRooms, &text, reference, out);
+        }
+        let backlog = match since {
+            Some(since) => self.history.after(room, since, self.settings.resume_max),
+            None => self
+                .history
+                .last(room, self.settings.limits.history_limit),
+        };
+        let backlog = backlog.unwrap_or_else(|e| {
+            let text = format!("history of {room} is unavailable: {e}");
+            self.error(key, ErrorCode::HistoryUnavailable, &text, reference, out);
+            Vec::new()
+        });
+        let history: Vec<&RawValue> = backlog.iter().map(|k| &*k.json).collect();
+        let users = self.tables.names_in(room);
+        let content = format!("joined {room}");
+        out.to(
+            key,
+            protocol::encode_frame(&protocol::Joined {
+                kind: "joined",
+                content: &content,
+                room,
+                users: &users,
+                history: &history,
+                reference,
+            }),
+        );
+        if joined == Joined::New {
+            if let Some(name) = self.tables.member(key).map(|m| m.name.clone()) {
+                self.presence(room, "join", &name, out);
+            }
+        }
+    }
+
+    fn leave(&mut self, key: ConnKey, room: &str, reference: Option<&str>, out: &mut Outbound) {
+        if !rooms::valid_name(room) {
+            return self.bad_room(key, reference, out);
+        }
+        let Some(emptied) = self.tables.leave(key, room) else {
+            let text = format!("you are not in room {room}");
+            return self.error(key, ErrorCode::NotMember, &text, reference, out);
+        };
+        let content = format!("left {room}");
+        out.to(
+            key,
+            protocol::encode_frame(&protocol::Left {
+                kind: "left",
+                content: &content,
+                room,
+                reference,
+            }),
+        );
+        if emptied {
+            self.history.release(room);
+        } else if let Some(name) = self.tables.member(key).map(|m| m.name.clone()) {
+            self.presence(room, "leave", &name, out);
+        }
+    }
+
+    fn direct(
+        &mut self,
+        key: ConnKey,
+        to: &str,
+        content: &str,
+        reference: Option<&str>,
+        now: Clock,
+        out: &mut Outbound,
+    ) {
+        if content.len() > self.settings.limits.max_content_bytes {
+            let text = format!(
+                "content is {} bytes; at most {} are allowed",
+                content.len(),
+                self.settings.limits.max_content_bytes
+            );
+            return self.error(key, ErrorCode::TooLong, &text, reference, out);
+        }
+        let recipient = self
+            .tables
+            .by_name(to)
+            .filter(|&k| self.tables.member(k).is_some_and(|m| m.open));
+        let (Some(recipient), Some(from)) = (recipient, self.tables.member(key)) else {
+            let text = format!("no connected user is called {:?}", clip(to));
+            return self.error(key, ErrorCode::UnknownUser, &text, reference, out);
+        };
+        let event = protocol::Direct {
+            kind: "direct",
+            content,
+            from: &from.name,
+            to,
+            ts: now.unix_ms,
+            reference: None,
+        };
+        if recipient != key {
+            out.to(recipient, protocol::encode_frame(&event));
+        }
+        out.to(
+            key,
+            protocol::encode_frame(&protocol::Direct {
+                reference,
+                ..event
+            }),
+        );
+        self.counters.directs += 1;
+    }
+
+    fn list_rooms(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Outbound) {
+        let mut list: Vec<protocol::RoomCount> = self
+            .tables
+            .iter_rooms()
+            .map(|(name, r)| protocol::RoomCount {
+                room: name,
+                users: r.members.len(),
+            })
+            .collect();
+        let total = list.len();
+        // Busiest first, then by name, so a capped list shows what matters.
+        list.sort_unstable_by(|a, b| b.users.cmp(&a.users).then(a.room.cmp(b.room)));
+        list.truncate(MAX_ROOMS_LISTED);
+        let content = if total > list.len() {
+            format!("{} of {total} rooms", list.len())
+        } else {
+            format!("{total} rooms")
+        };
+        let frame = protocol::encode_frame(&protocol::Rooms {
+            kind: "rooms",
+            content: &content,
+            rooms: &list,
+            reference,
+        });
+        out.to(key, frame);
+    }
+
+    fn who(&mut self, key: ConnKey, room: &str, reference: Option<&str>, out: &mut Outbound) {
+        if !rooms::valid_name(room) {
+            return self.bad_room(key, reference, out);
+        }
+        let users = self.tables.names_in(room);
+        let content = format!("{} in {room}", users.len());
+        let frame = protocol::encode_frame(&protocol::Members {
+            kind: "members",
+            content: &content,
+            room,
+            users: &users,
+            reference,
+        });
+        out.to(key, frame);
+    }
+
+    fn page(
+        &mut self,
+        key: ConnKey,
+        room: &str,
+        before: Option<u64>,
+        limit: Option<u64>,
+        reference: Option<&str>,
+        out: &mut Outbound,
+    ) {
+        if !rooms::valid_name(room) {
+            return self.bad_room(key, reference, out);
+        }
+        let limit = limit
+            .map(|l| l.min(MAX_HISTORY_PAGE as u64) as usize)
+            .unwrap_or(self.settings.limits.history_limit);
+        let kept = match self.history.before(room, before, limit) {
+            Ok(kept) => kept,
+            Err(e) => {
+                let text = format!("history of {room} is unavailable: {e}");
+                return self.error(key, ErrorCode::HistoryUnavailable, &text, reference, out);
+            }
+        };
+        let messages: Vec<&RawValue> = kept.iter().map(|k| &*k.json).collect();
+        let content = format!("{} messages of {room}", messages.len());
+        let frame = protocol::encode_frame(&protocol::HistoryPage {
+            kind: "history",
+            content: &content,
+            room,
+            messages: &messages,
+            reference,
+        });
+        out.to(key, frame);
+    }
+
+    // ---- helpers --------------------------------------------------------
+
+    /// Tell every member of `room` that `user` joined or left.
+    fn presence(&mut self, room: &str, kind: &'static str, user: &str, out: &mut Outbound) {
+        let Some(r) = self.tables.room(room) else {
+            return;
+        };
+        let content = format!("{user} {}", if kind == "join" { "joined" } else { "left" });
+        let frame = protocol::encode_frame(&protocol::Presence {
+            kind,
+            content: &content,
+            room,
+            user,
+        });
+        for &to in &r.members {
+            out.to(to, frame.clone());
+        }
+    }
+
+    fn bad_room(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Outbound) {
+        let text = format!("room names are {}", rooms::NAME_RULE);
+        self.error(key, ErrorCode::BadRoom, &text, reference, out);
+    }
+
+    fn error(
+        &mut self,
+        key: ConnKey,
+        code: ErrorCode,
+        text: &str,
+        reference: Option<&str>,
+        out: &mut Outbound,
+    ) {
+        self.counters.errors += 1;
+        out.to(
+            key,
+            protocol::encode_frame(&protocol::ErrorEvent {
+                kind: "error",
+                content: text,
+                code: code.as_str(),
+                reference,
+            }),
+        );
+    }
+}
+
+/// A client-chosen name cut short enough to quote in an error.
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryHistory;
+    use serde_json::Value;
+
+    const NOW: Clock = Clock {
+        mono_ms: 0,
+        unix_ms: 1_700_000_000_000,
+    };
+
+    fn settings() -> Settings {
+        Settings {
+            limits: Limits {
+                max_message_bytes: 65536,
+                max_content_bytes: 16,
+                max_rooms_per_user: 3,
+                rate_per_s: 20,
+                rate_burst: 40,
+                history_limit: 50,
+            },
+            resume_max: 1000,
+            refuse_unkept: false,
+        }
+    }
+
+    /// A dispatcher and the events it produced, decoded for assertions.
+    struct Harness {
+        d: Dispatcher,
+        out: Outbound,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Harness {
+                d: Dispatcher::new(settings(), Box::new(MemoryHistory::new(100))),
+                out: Outbound::default(),
+            }
+        }
+
+        fn connect(&mut self, key: ConnKey, name: &str, room: &str) -> Vec<(ConnKey, Value)> {
+            let req = SessionRequest {
+                username: Some(name.into()),
+                room: Some(room.into()),
+            };
+            self.d.admit(key, &req, NOW).expect("admitted");
+            self.d.open(key, None, &mut self.out);
+            self.take()
+        }
+
+        fn send(&mut self, key: ConnKey, text: &str) -> Vec<(ConnKey, Value)> {
+            self.d.handle_text(key, text, NOW, &mut self.out);
+            self.take()
+        }
+
+        fn take(&mut self) -> Vec<(ConnKey, Value)> {
+            self.out
+                .sends
+                .drain(..)
+                .map(|(k, f)| {
+                    let v = serde_json::from_slice(protocol::frame_payload(&f)).expect("json");
+                    (k, v)
+                })
+                .collect()
+        }
+    }
+
+    fn types(events: &[(ConnKey, Value)]) -> Vec<(ConnKey, String)> {
+        events
+            .iter()
+            .map(|(k, v)| (*k, v["type"].as_str().unwrap_or("").to_string()))
+            .collect()
+    }
+
+    fn error_code(events: &[(ConnKey, Value)]) -> String {
+        assert_eq!(events.len(), 1, "one error expected: {events:?}");
+        assert_eq!(events[0].1["type"], "error");
+        events[0].1["code"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn open_sends_welcome_joined_join() {
+        let mut h = Harness::new();
+        let ev = h.connect(0, "alice", "default");
+        assert_eq!(
+            types(&ev),
+            vec![(0, "welcome".into()), (0, "joined".into()), (0, "join".into())]
+        );
+        assert_eq!(ev[0].1["user"], "alice");
+        assert_eq!(ev[0].1["limits"]["max_content_bytes"], 16);
+        assert_eq!(ev[1].1["users"], serde_json::json!(["alice"]));
+        assert_eq!(ev[2].1["content"], "alice joined");
+        let ev = h.connect(1, "bob", "default");
+        assert_eq!(
+            types(&ev),
+            vec![
+                (1, "welcome".into()),
+                (1, "joined".into()),
+                (0, "join".into()),
+                (1, "join".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn admission_checks_names() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "default");
+        let req = |u: Option<&str>, r: Option<&str>| SessionRequest {
+            username: u.map(Into::into),
+            room: r.map(Into::into),
+        };
+        assert_eq!(h.d.admit(1, &req(Some("alice"), None), NOW), Err(Refusal::Taken));
+        assert_eq!(h.d.admit(1, &req(Some("a b"), None), NOW), Err(Refusal::BadUsername));
+        assert_eq!(h.d.admit(1, &req(None, Some("../x")), NOW), Err(Refusal::BadRoom));
+        let g1 = h.d.admit(1, &req(None, None), NOW).unwrap();
+        let g2 = h.d.admit(2, &req(None, None), NOW).unwrap();
+        assert!(g1.starts_with("guest-") && g2.starts_with("guest-") && g1 != g2);
+    }
+
+    #[test]
+    fn message_reaches_the_room_with_ids() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        h.connect(1, "bob", "r");
+        h.connect(2, "carol", "other");
+        let ev = h.send(0, r#"{"type":"message","content":"hi","ref":"c1"}"#);
+        assert_eq!(types(&ev), vec![(0, "message".into()), (1, "message".into())]);
+        assert_eq!(ev[0].1["ref"], "c1");
+        assert!(ev[1].1.get("ref").is_none());
+        assert_eq!(ev[1].1["id"], 1);
+        assert_eq!(ev[1].1["user"], "alice");
+        assert_eq!(ev[1].1["room"], "r");
+        assert_eq!(ev[1].1["ts"], NOW.unix_ms);
+        let ev = h.send(1, r#"{"type":"message","content":"yo","room":"r"}"#);
+        assert_eq!(ev[0].1["id"], 2);
+    }
+
+    #[test]
+    fn message_errors() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        let long = format!(r#"{{"type":"message","content":"{}","ref":"x"}}"#, "a".repeat(17));
+        let ev = h.send(0, &long);
+        assert_eq!(error_code(&ev), "too_long");
+        assert_eq!(ev[0].1["ref"], "x");
+        let ev = h.send(0, r#"{"type":"message","content":"hi","room":"elsewhere"}"#);
+        assert_eq!(error_code(&ev), "not_member");
+        let ev = h.send(0, r#"{"type":"message","content":"hi","room":"no/slash"}"#);
+        assert_eq!(error_code(&ev), "bad_room");
+        assert_eq!(error_code(&h.send(0, "plain text")), "bad_json");
+        assert_eq!(error_code(&h.send(0, r#"{"type":"x"}"#)), "unknown_type");
+        assert_eq!(error_code(&h.send(0, r#"{"content":"x"}"#)), "missing_field");
+    }
+
+    #[test]
+    fn join_leave_and_history() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        for i in 0..3 {
+            h.send(0, &format!(r#"{{"type":"message","content":"m{i}"}}"#));
+        }
+        h.connect(1, "bob", "home");
+        let ev = h.send(1, r#"{"type":"join","room":"r","ref":"j"}"#);
+        assert_eq!(types(&ev), vec![(1, "joined".into()), (0, "join".into()), (1, "join".into())]);
+        assert_eq!(ev[0].1["users"], serde_json::json!(["alice", "bob"]));
+        assert_eq!(ev[0].1["history"].as_array().unwrap().len(), 3);
+        assert_eq!(ev[0].1["history"][0]["content"], "m0");
+        assert_eq!(ev[0].1["ref"], "j");
+        let ev = h.send(1, r#"{"type":"leave","room":"r"}"#);
+        assert_eq!(types(&ev), vec![(1, "left".into()), (0, "leave".into())]);
+        assert_eq!(ev[1].1["content"], "bob left");
+        assert_eq!(error_code(&h.send(1, r#"{"type":"leave","room":"r"}"#)), "not_member");
+        assert_eq!(error_code(&h.send(1, r#"{"type":"join","room":"a b"}"#)), "bad_room");
+        assert_eq!(error_code(&h.send(1, r#"{"type":"join"}"#)), "missing_field");
+    }
+
+    #[test]
+    fn join_with_since_replays_exactly_the_newer() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        for i in 0..5 {
+            h.send(0, &format!(r#"{{"type":"message","content":"m{i}"}}"#));
+        }
+        h.connect(1, "bob", "home");
+        let ev = h.send(1, r#"{"type":"join","room":"r","since":3}"#);
+        let ids: Vec<u64> = ev[0].1["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![4, 5]);
+    }
+
+    #[test]
+    fn too_many_rooms() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r0");
+        h.send(0, r#"{"type":"join","room":"r1"}"#);
+        h.send(0, r#"{"type":"join","room":"r2"}"#);
+        assert_eq!(error_code(&h.send(0, r#"{"type":"join","room":"r3"}"#)), "too_many_rooms");
+    }
+
+    #[test]
+    fn direct_messages() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        h.connect(1, "bob", "s");
+        let ev = h.send(0, r#"{"type":"direct","to":"bob","content":"psst","ref":"d1"}"#);
+        assert_eq!(types(&ev), vec![(1, "direct".into()), (0, "direct".into())]);
+        assert_eq!(ev[0].1["from"], "alice");
+        assert_eq!(ev[0].1["to"], "bob");
+        assert!(ev[0].1.get("ref").is_none());
+        assert_eq!(ev[1].1["ref"], "d1");
+        let ev = h.send(0, r#"{"type":"direct","to":"nobody","content":"x"}"#);
+        assert_eq!(error_code(&ev), "unknown_user");
+        let long = format!(r#"{{"type":"direct","to":"bob","content":"{}"}}"#, "a".repeat(17));
+        assert_eq!(error_code(&h.send(0, &long)), "too_long");
+    }
+
+    #[test]
+    fn listings() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        h.connect(1, "bob", "r");
+        h.connect(2, "carol", "s");
+        let ev = h.send(2, r#"{"type":"rooms","ref":"q"}"#);
+        assert_eq!(
+            ev[0].1["rooms"],
+            serde_json::json!([{"room":"r","users":2},{"room":"s","users":1}])
+        );
+        assert_eq!(ev[0].1["ref"], "q");
+        let ev = h.send(2, r#"{"type":"who","room":"r"}"#);
+        assert_eq!(ev[0].1["type"], "members");
+        assert_eq!(ev[0].1["users"], serde_json::json!(["alice", "bob"]));
+        assert_eq!(error_code(&h.send(2, r#"{"type":"who","room":""}"#)), "bad_room");
+    }
+
+    #[test]
+    fn history_pages_back() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        for i in 0..10 {
+            h.send(0, &format!(r#"{{"type":"message","content":"m{i}"}}"#));
+        }
+        let ev = h.send(0, r#"{"type":"history","room":"r","before":8,"limit":3}"#);
+        let ids: Vec<u64> = ev[0].1["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![5, 6, 7]);
+        let ev = h.send(0, r#"{"type":"history","room":"r","before":1}"#);
+        assert_eq!(ev[0].1["messages"], serde_json::json!([]));
+        let ev = h.send(0, r#"{"type":"history","room":"r","limit":100000}"#);
+        assert_eq!(ev[0].1["messages"].as_array().unwrap().len(), 10);
+    }
+
+    #[test]
+    fn binary_is_refused() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        h.d.handle_binary(0, NOW, &mut h.out);
+        assert_eq!(error_code(&h.take()), "binary_unsupported");
+    }
+
+    #[test]
+    fn rate_limit_then_flood_close() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        for _ in 0..40 {
+            h.send(0, r#"{"type":"rooms"}"#);
+        }
+        assert_eq!(error_code(&h.send(0, r#"{"type":"rooms"}"#)), "rate_limited");
+        for _ in 0..39 {
+            h.send(0, r#"{"type":"rooms"}"#);
+        }
+        assert!(h.out.closes.is_empty());
+        h.send(0, r#"{"type":"rooms"}"#);
+        assert_eq!(
+            h.out.closes,
+            vec![CloseRequest {
+                key: 0,
+                code: 1008,
+                reason: "flooding after rate_limited"
+            }]
+        );
+        assert_eq!(h.d.counters.rate_limited, 40);
+    }
+
+    #[test]
+    fn disconnect_tells_every_room_and_frees_the_name() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        h.send(0, r#"{"type":"join","room":"s"}"#);
+        h.send(0, r#"{"type":"message","content":"first"}"#);
+        h.connect(1, "bob", "r");
+        h.send(1, r#"{"type":"join","room":"s"}"#);
+        h.d.disconnect(0, &mut h.out);
+        let ev = h.take();
+        assert_eq!(types(&ev), vec![(1, "leave".into()), (1, "leave".into())]);
+        assert!(h.d.tables().by_name("alice").is_none());
+        h.d.disconnect(1, &mut h.out);
+        assert!(h.take().is_empty());
+        assert_eq!(h.d.tables().room_count(), 0);
+        assert_eq!(h.d.tables().member_count(), 0);
+        // Ids continue after the room emptied and came back.
+        h.connect(2, "carol", "r");
+        let ev = h.send(2, r#"{"type":"message","content":"again"}"#);
+        assert_eq!(ev[0].1["id"], 2);
+    }
+
+    #[test]
+    fn a_member_not_yet_open_gets_nothing() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "default");
+        let req = SessionRequest {
+            username: Some("bob".into()),
+            room: None,
+        };
+        h.d.admit(1, &req, NOW).unwrap();
+        h.d.disconnect(1, &mut h.out);
+        assert!(h.take().is_empty(), "no leave for a member that never joined");
+    }
+
+    struct FailingHistory;
+
+    impl History for FailingHistory {
+        fn reserve_id(&mut self, _: &str) -> Result<u64, crate::store::HistoryError> {
+            Ok(1)
+        }
+        fn append(&mut self, _: &str, _: Kept) -> Result<(), crate::store::HistoryError> {
+            Err(std::io::Error::other("disk full").into())
+        }
+        fn last(&mut self, _: &str, _: usize) -> Result<Vec<Kept>, crate::store::HistoryError> {
+            Ok(Vec::new())
+        }
+        fn after(&mut self, _: &str, _: u64, _: usize) -> Result<Vec<Kept>, crate::store::HistoryError> {
+            Ok(Vec::new())
+        }
+        fn before(
+            &mut self,
+            _: &str,
+            _: Option<u64>,
+            _: usize,
+        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
+            Err(std::io::Error::other("unreadable").into())
+        }
+        fn release(&mut self, _: &str) {}
+    }
+
+    #[test]
+    fn store_failures_follow_the_durability_setting() {
+        let mut strict = settings();
+        strict.refuse_unkept = true;
+        for (settings, refused) in [(settings(), false), (strict, true)] {
+            let mut h = Harness {
+                d: Dispatcher::new(settings, Box::new(FailingHistory)),
+                out: Outbound::default(),
+            };
+            h.connect(0, "alice", "r");
+            let ev = h.send(0, r#"{"type":"message","content":"hi","ref":"m"}"#);
+            if refused {
+                assert_eq!(error_code(&ev), "history_unavailable");
+                assert_eq!(ev[0].1["ref"], "m");
+            } else {
+                assert_eq!(types(&ev), vec![(0, "message".into())]);
+            }
+            assert_eq!(h.d.counters.unkept, 1);
+            let ev = h.send(0, r#"{"type":"history","room":"r"}"#);
+            assert_eq!(error_code(&ev), "history_unavailable");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! A connection's bounded queue of outgoing frames, and the slow-consumer
+//! decision.
+//!
+//! Frames are shared ([`Frame`] is reference-counted), so queueing a
+//! broadcast for a member costs a pointer, not a copy. Everything queued
+//! for one connection during a loop iteration leaves in one vectored
+//! `write` when the loop flushes before sleeping; leftovers wait for the
+//! socket to become writable again.
+//!
+//! The slow-consumer policy, written down once: a connection whose unsent
+//! bytes would exceed the bound is not waited for. Its queue is dropped,
+//! it gets a close frame (1008, "slow consumer") if the socket takes it, and
+//! it is closed; everyone else in its rooms keeps receiving as before. The
+//! decision is [`Outbox::admits`]; it is pure and tested here without a
+//! socket.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+
+use crate::protocol::Frame;
+
+/// Most frames handed to one `writev`. Linux accepts 1024 (`IOV_MAX`);
+/// 64 already amortises the syscall over many small frames while keeping
+/// the slice array on the stack.
+const MAX_IOVECS: usize = 64;
+
+/// Unsent frames of one connection.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    frames: VecDeque<Frame>,
+    /// Bytes of the front frame already written: a frame can leave in
+    /// pieces when the socket buffer fills mid-frame.
+    front_sent: usize,
+    /// Unsent bytes in total (what the bound applies to).
+    queued: usize,
+}
+
+/// What a flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything was written.
+    All,
+    /// The socket is full (`WouldBlock`); the rest waits for WRITABLE.
+    Partly,
+}
+
+impl Outbox {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Unsent bytes.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Whether `extra` more bytes fit under `limit`. Always true for an
+    /// empty outbox, so that a single frame larger than the bound (a long
+    /// backlog) still goes to a reader that keeps up.
+    pub fn admits(&self, extra: usize, limit: usize) -> bool {
+        self.queued == 0 || self.queued + extra <= limit
+    }
+
+    /// Queue a frame (the bound is the caller's check, via [`Self::admits`]).
+    pub fn push(&mut self, frame: Frame) {
+        self.queued += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Drop every frame not yet started, keeping a partly written one so
+    /// the byte stream stays well-framed. Returns the bytes released.
+    pub fn discard_unstarted(&mut self) -> usize {
+        let keep = usize::from(self.front_sent > 0);
+        let before = self.queued;
+        while self.frames.len() > keep {
+            if let Some(f) = self.frames.pop_back() {
+                self.queued -= f.len();
+            }
+        }
+        if self.frames.capacity() > 16 {
+            self.frames.shrink_to_fit();
+        }
+        before - self.queued
+    }
+
+    /// Write as much as the socket takes, coalescing up to [`MAX_IOVECS`]
+    /// frames per `writev`. Returns the bytes written and whether all went.
+    ///
+    /// Drains until `WouldBlock` (or empty): with edge-triggered readiness a
+    /// WRITABLE event only comes after the socket was full, so stopping
+    /// early with room left would strand the rest until some unrelated
+    /// event.
+    pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<(usize, Flushed)> {
+        let mut total = 0;
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (i, f) in self.frames.iter().take(MAX_IOVECS).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &f[self.front_sent..] } else { f });
+                n += 1;
+            }
+            let written = match w.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => written,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok((total, Flushed::Partly))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            total += written;
+            self.consume(written);
+        }
+        // A burst may have grown the queue; an idle connection should not
+        // keep that memory.
+        if self.frames.capacity() > 16 {
+            self.frames.shrink_to_fit();
+        }
+        Ok((total, Flushed::All))
+    }
+
+    /// Account for `n` bytes having left, front first.
+    fn consume(&mut self, mut n: usize) {
+        self.queued -= n;
+        while n > 0 {
+            let Some(front) = self.frames.front() else {
+                break;
+            };
+            let rest = front.len() - self.front_sent;
+            if n >= rest {
+                n -= rest;
+                self.front_sent = 0;
+                self.frames.pop_front();
+            } else {
+                self.front_sent += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::Bytes;
+
+    /// A socket that takes at most `room` bytes, then says WouldBlock.
+    struct Socket {
+        got: Vec<u8>,
+        room: usize,
+        calls: usize,
+    }
+
+    impl Write for Socket {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.room);
+                self.got.extend_from_slice(&b[..take]);
+                self.room -= take;
+                n += take;
+                if self.room == 0 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn frame(s: &str) -> Frame {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn many_frames_leave_in_one_write() {
+        let mut o = Outbox::new();
+        for _ in 0..10 {
+            o.push(frame("abc"));
+        }
+        let mut s = Socket {
+            got: vec![],
+            room: 1000,
+            calls: 0,
+        };
+        assert_eq!(o.write_to(&mut s).unwrap(), (30, Flushed::All));
+        assert_eq!(s.calls, 1);
+        assert_eq!(o.queued(), 0);
+    }
+
+    #[test]
+    fn partial_writes_resume_mid_frame() {
+        let mut o = Outbox::new();
+        o.push(frame("hello"));
+        o.push(frame("world"));
+        let mut s = Socket {
+            got: vec![],
+            room: 7,
+            calls: 0,
+        };
+        assert_eq!(o.write_to(&mut s).unwrap(), (7, Flushed::Partly));
+        assert_eq!(o.queued(), 3);
+        s.room = 100;
+        assert_eq!(o.write_to(&mut s).unwrap(), (3, Flushed::All));
+        assert_eq!(s.got, b"helloworld");
+    }
+
+    #[test]
+    fn slow_consumer_bound() {
+        let mut o = Outbox::new();
+        assert!(o.admits(500, 100), "an empty outbox takes any one frame");
+        o.push(frame(&"x".repeat(60)));
+        assert!(o.admits(40, 100));
+        assert!(!o.admits(41, 100));
+    }
+
+    #[test]
+    fn discard_keeps_a_started_frame() {
+        let mut o = Outbox::new();
+        o.push(frame("hello"));
+        o.push(frame("world"));
+        let mut s = Socket {
+            got: vec![],
+            room: 2,
+            calls: 0,
+        };
+        o.write_to(&mut s).unwrap();
+        assert_eq!(o.discard_unstarted(), 5);
+        assert_eq!(o.queued(), 3);
+        s.room = 100;
+        o.write_to(&mut s).unwrap();
+        assert_eq!(s.got, b"hello");
+        let mut fresh = Outbox::new();
+        fresh.push(frame("abc"));
+        assert_eq!(fresh.discard_unstarted(), 3);
+        assert!(fresh.is_empty());
+    }
+}

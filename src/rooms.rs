@@ -1,0 +1,285 @@
+//! The room tables: room → members, member → rooms, username → connection.
+//!
+//! Pure data, indexed both ways so that every operation costs time in
+//! proportion to what it touches (one room's members, one member's rooms),
+//! never to the number of connections or rooms. This replaces the Go
+//! original's `Room` hub and its Register/Unregister channels: there is one
+//! thread, so a table is enough. No I/O and no protocol here; the dispatcher
+//! decides what to say about each change.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::rate::Bucket;
+
+/// A connection's slab key. The tables only hold keys of connections that
+/// are alive: the server's single removal path calls [`Rooms::remove_member`]
+/// before a slab slot can be reused, so keys here never go stale.
+pub type ConnKey = usize;
+
+/// Names (of users and rooms) are 1–32 characters of `[A-Za-z0-9_.-]`.
+pub const NAME_RULE: &str = "1-32 characters of A-Z a-z 0-9 _ . -";
+
+/// True when `name` follows [`NAME_RULE`].
+pub fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// One connected user.
+#[derive(Debug)]
+pub struct Member {
+    pub name: Rc<str>,
+    /// The room joined on connect; the default target of `message`.
+    pub home: Rc<str>,
+    /// Rooms this member is in, in join order. Small (bounded by
+    /// `max_rooms_per_user`), so a Vec beats a set.
+    pub rooms: Vec<Rc<str>>,
+    /// False between the name check (before the 101) and the first events.
+    pub open: bool,
+    pub bucket: Bucket,
+}
+
+/// One live room: its members in join order. A room exists exactly while it
+/// has members.
+#[derive(Debug, Default)]
+pub struct Room {
+    pub members: Vec<ConnKey>,
+}
+
+/// The tables.
+#[derive(Debug, Default)]
+pub struct Rooms {
+    rooms: HashMap<Rc<str>, Room>,
+    /// Indexed by slab key: keys are dense, so a Vec is the cheapest map.
+    members: Vec<Option<Member>>,
+    names: HashMap<Rc<str>, ConnKey>,
+    member_count: usize,
+}
+
+/// What [`Rooms::join`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Newly a member (the room was created if it did not exist).
+    New,
+    /// Was already a member; nothing changed.
+    Already,
+    /// Refused: the member is in as many rooms as allowed.
+    TooMany,
+}
+
+impl Rooms {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The member at `key`, if any.
+    pub fn member(&self, key: ConnKey) -> Option<&Member> {
+        self.members.get(key).and_then(Option::as_ref)
+    }
+
+    pub fn member_mut(&mut self, key: ConnKey) -> Option<&mut Member> {
+        self.members.get_mut(key).and_then(Option::as_mut)
+    }
+
+    /// The connection that holds `name`.
+    pub fn by_name(&self, name: &str) -> Option<ConnKey> {
+        self.names.get(name).copied()
+    }
+
+    /// A live room.
+    pub fn room(&self, name: &str) -> Option<&Room> {
+        self.rooms.get(name)
+    }
+
+    /// Every live room (for listings).
+    pub fn iter_rooms(&self) -> impl Iterator<Item = (&Rc<str>, &Room)> {
+        self.rooms.iter()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.member_count
+    }
+
+    /// Claim `name` for `key`. Fails when the name is taken.
+    pub fn add_member(&mut self, key: ConnKey, name: &str, home: &str, bucket: Bucket) -> bool {
+        if self.names.contains_key(name) {
+            return false;
+        }
+        let name: Rc<str> = name.into();
+        self.names.insert(name.clone(), key);
+        if self.members.len() <= key {
+            self.members.resize_with(key + 1, || None);
+        }
+        self.members[key] = Some(Member {
+            name,
+            home: home.into(),
+            rooms: Vec::new(),
+            open: false,
+            bucket,
+        });
+        self.member_count += 1;
+        true
+    }
+
+    /// Put `key` into `room`, creating the room if needed.
+    pub fn join(&mut self, key: ConnKey, room: &str, max_rooms: usize) -> Joined {
+        let Some(member) = self.members.get_mut(key).and_then(Option::as_mut) else {
+            return Joined::Already;
+        };
+        if member.rooms.iter().any(|r| &**r == room) {
+            return Joined::Already;
+        }
+        if member.rooms.len() >= max_rooms {
+            return Joined::TooMany;
+        }
+        let name: Rc<str> = match self.rooms.get_key_value(room) {
+            Some((name, _)) => name.clone(),
+            None => room.into(),
+        };
+        member.rooms.push(name.clone());
+        self.rooms.entry(name).or_default().members.push(key);
+        Joined::New
+    }
+
+    /// Take `key` out of `room`. Returns `None` if it was not a member,
+    /// otherwise whether the room is now gone (it had no other member).
+    pub fn leave(&mut self, key: ConnKey, room: &str) -> Option<bool> {
+        let member = self.members.get_mut(key).and_then(Option::as_mut)?;
+        let at = member.rooms.iter().position(|r| &**r == room)?;
+        member.rooms.remove(at);
+        Some(self.detach(key, room))
+    }
+
+    /// Remove `key` from the room's member list; drop the room if empty.
+    fn detach(&mut self, key: ConnKey, room: &str) -> bool {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        if let Some(at) = r.members.iter().position(|&k| k == key) {
+            // Keep join order for member listings; rooms are small enough
+            // that the shift costs less than the broadcast that follows.
+            r.members.remove(at);
+        }
+        if r.members.is_empty() {
+            self.rooms.remove(room);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forget `key` entirely: out of every room, name released. Returns the
+    /// member (with the rooms it was in) so the caller can tell those rooms.
+    pub fn remove_member(&mut self, key: ConnKey) -> Option<(Member, Vec<(Rc<str>, bool)>)> {
+        let mut member = self.members.get_mut(key).and_then(Option::take)?;
+        self.member_count -= 1;
+        self.names.remove(&member.name);
+        let rooms = std::mem::take(&mut member.rooms);
+        let gone = rooms
+            .into_iter()
+            .map(|room| {
+                let emptied = self.detach(key, &room);
+                (room, emptied)
+            })
+            .collect();
+        Some((member, gone))
+    }
+
+    /// Member names of `room`, in join order.
+    pub fn names_in(&self, room: &str) -> Vec<&str> {
+        match self.rooms.get(room) {
+            Some(r) => r
+                .members
+                .iter()
+                .filter_map(|&k| self.member(k).map(|m| &*m.name))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate::{Bucket, Rate};
+
+    fn bucket() -> Bucket {
+        Bucket::new(Rate { per_s: 1, burst: 1 }, 0)
+    }
+
+    fn tables(names: &[&str]) -> Rooms {
+        let mut t = Rooms::new();
+        for (k, n) in names.iter().enumerate() {
+            assert!(t.add_member(k, n, "default", bucket()));
+        }
+        t
+    }
+
+    #[test]
+    fn names_follow_the_rule() {
+        assert!(valid_name("alice"));
+        assert!(valid_name("a.b-c_D9"));
+        assert!(valid_name(&"x".repeat(32)));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"x".repeat(33)));
+        assert!(!valid_name("al ice"));
+        assert!(!valid_name("bob!"));
+        assert!(!valid_name("é"));
+    }
+
+    #[test]
+    fn names_are_unique() {
+        let mut t = tables(&["alice"]);
+        assert!(!t.add_member(1, "alice", "default", bucket()));
+        assert_eq!(t.by_name("alice"), Some(0));
+    }
+
+    #[test]
+    fn both_indexes_agree() {
+        let mut t = tables(&["a", "b"]);
+        assert_eq!(t.join(0, "r", 8), Joined::New);
+        assert_eq!(t.join(1, "r", 8), Joined::New);
+        assert_eq!(t.join(0, "r", 8), Joined::Already);
+        assert_eq!(t.names_in("r"), vec!["a", "b"]);
+        assert_eq!(t.member(0).unwrap().rooms.len(), 1);
+        assert_eq!(t.leave(0, "r"), Some(false));
+        assert_eq!(t.leave(0, "r"), None);
+        assert_eq!(t.leave(1, "r"), Some(true));
+        assert!(t.room("r").is_none());
+        assert_eq!(t.room_count(), 0);
+    }
+
+    #[test]
+    fn room_limit_per_member() {
+        let mut t = tables(&["a"]);
+        assert_eq!(t.join(0, "r1", 2), Joined::New);
+        assert_eq!(t.join(0, "r2", 2), Joined::New);
+        assert_eq!(t.join(0, "r3", 2), Joined::TooMany);
+    }
+
+    #[test]
+    fn removal_leaves_nothing_behind() {
+        let mut t = tables(&["a", "b"]);
+        t.join(0, "r1", 8);
+        t.join(0, "r2", 8);
+        t.join(1, "r2", 8);
+        let (m, rooms) = t.remove_member(0).unwrap();
+        assert_eq!(&*m.name, "a");
+        assert_eq!(
+            rooms,
+            vec![(Rc::from("r1"), true), (Rc::from("r2"), false)]
+        );
+        assert!(t.by_name("a").is_none());
+        assert_eq!(t.names_in("r2"), vec!["b"]);
+        assert_eq!(t.member_count(), 1);
+        assert_eq!(t.room_count(), 1);
+        assert!(t.remove_member(0).is_none());
+    }
+}

@@ -1,0 +1,119 @@
+//! Where room messages are kept and where their ids come from.
+//!
+//! The dispatcher talks to history only through the [`History`] trait, so that
+//! the in-memory ring ([`memory::MemoryHistory`]), the on-disk log and, later,
+//! a shared broker can be swapped without touching the loop or the room
+//! tables. The trait is synchronous and called on the loop thread: an
+//! implementation may append to a file (page cache), but must never block on
+//! a sync outside [`History::commit`].
+//!
+//! This module owns the message record ([`Kept`]) and the contract; it does
+//! not own rooms, members or sockets.
+
+pub mod memory;
+
+use std::fmt;
+use std::rc::Rc;
+
+use serde_json::value::RawValue;
+
+/// One kept chat message: its id and its `message` event, already encoded as
+/// JSON (without `ref`, which only the sender's live copy carries).
+///
+/// The JSON is encoded once, when the message is accepted, and shared from
+/// then on: in `joined.history`, in `history` answers and in the log on disk.
+#[derive(Clone, Debug)]
+pub struct Kept {
+    pub id: u64,
+    pub json: Rc<RawValue>,
+}
+
+/// Why history could not serve or keep a message. The dispatcher answers
+/// these with the `history_unavailable` error code.
+#[derive(Debug)]
+pub enum HistoryError {
+    /// Reading or writing the backing store failed.
+    Io(std::io::Error),
+    /// A record on disk could not be understood.
+    Corrupt(String),
+}
+
+impl fmt::Display for HistoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HistoryError::Io(e) => write!(f, "history i/o failed: {e}"),
+            HistoryError::Corrupt(what) => write!(f, "history record corrupt: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for HistoryError {}
+
+impl From<std::io::Error> for HistoryError {
+    fn from(e: std::io::Error) -> Self {
+        HistoryError::Io(e)
+    }
+}
+
+/// Message ids and kept messages, per room.
+///
+/// Ids are per room, start at 1, strictly increase and are never handed out
+/// twice (an implementation that survives restarts must also never reuse an
+/// id across them). All lists are oldest first.
+pub trait History {
+    /// The id for the next message of `room`. Called once per accepted
+    /// message, right before [`History::append`].
+    fn reserve_id(&mut self, room: &str) -> Result<u64, HistoryError>;
+
+    /// Keep a message whose id came from [`History::reserve_id`].
+    fn append(&mut self, room: &str, msg: Kept) -> Result<(), HistoryError>;
+
+    /// The newest `n` kept messages of `room`.
+    fn last(&mut self, room: &str, n: usize) -> Result<Vec<Kept>, HistoryError>;
+
+    /// Every kept message of `room` with an id greater than `since`, at most
+    /// `max` of them (the oldest ones, so that a resuming client has no gap
+    /// before what it receives).
+    fn after(&mut self, room: &str, since: u64, max: usize) -> Result<Vec<Kept>, HistoryError>;
+
+    /// At most `limit` messages of `room` with an id below `before` (all ids
+    /// when `None`): the newest such, returned oldest first.
+    fn before(
+        &mut self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Kept>, HistoryError>;
+
+    /// `room` has no members any more: memory held for it may be released.
+    /// Its ids must still never go backwards.
+    fn release(&mut self, room: &str);
+
+    /// Called by the loop once per iteration, after all commands of the
+    /// iteration were handled and before any output is written to sockets:
+    /// the group-commit point for a store that must be durable before
+    /// messages are released.
+    fn commit(&mut self) -> Result<(), HistoryError> {
+        Ok(())
+    }
+
+    /// False while the store is failing (the `/healthz` check answers 503).
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// Counters for `/stats` and `/metrics`, as `(name, value)` pairs.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// Open the history the configuration asks for (`--data-dir`, `--fsync`,
+/// `--retain-messages`); `--no-persist` is handled by the caller.
+pub fn open(config: &crate::config::Config) -> Result<Box<dyn History>, String> {
+    log::warn!(
+        "on-disk history is not available yet; keeping history in memory (data dir {} unused)",
+        config.data_dir.display()
+    );
+    Ok(Box::new(memory::MemoryHistory::new(config.history_keep)))
+}
