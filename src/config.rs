@@ -275,7 +275,9 @@ impl Config {
                 Long("max-connections") => {
                     c.max_connections = Some(positive(&mut p, "max-connections")?)
                 }
-                Long("max-head-bytes") => c.max_head_bytes = at_least(&mut p, "max-head-bytes", 256)?,
+                Long("max-head-bytes") => {
+                    c.max_head_bytes = at_least(&mut p, "max-head-bytes", 256)?
+                }
                 Long("max-message-bytes") => {
                     c.max_message_bytes = at_least(&mut p, "max-message-bytes", 128)?
                 }
@@ -299,7 +301,9 @@ impl Config {
                     c.handshake_timeout_ms = positive(&mut p, "handshake-timeout-ms")?
                 }
                 Long("heartbeat-ms") => c.heartbeat_ms = positive(&mut p, "heartbeat-ms")?,
-                Long("shutdown-grace-ms") => c.shutdown_grace_ms = value(&mut p, "shutdown-grace-ms")?,
+                Long("shutdown-grace-ms") => {
+                    c.shutdown_grace_ms = value(&mut p, "shutdown-grace-ms")?
+                }
                 Long("allowed-origins") => {
                     let list: String = value(&mut p, "allowed-origins")?;
                     c.allowed_origins = list
@@ -346,9 +350,8 @@ impl Config {
 
     /// `--max-connections`, or what the open-file limit allows.
     pub fn connection_limit(&self, fd_limit: u64) -> usize {
-        self.max_connections.unwrap_or_else(|| {
-            (fd_limit as usize).saturating_sub(FD_RESERVE).max(16)
-        })
+        self.max_connections
+            .unwrap_or_else(|| (fd_limit as usize).saturating_sub(FD_RESERVE).max(16))
     }
 }
 
@@ -472,7 +475,10 @@ mod tests {
 
     #[test]
     fn mistakes_are_reported() {
-        assert!(matches!(parse(&["--nope"]), Err(ConfigError::UnknownFlag(_))));
+        assert!(matches!(
+            parse(&["--nope"]),
+            Err(ConfigError::UnknownFlag(_))
+        ));
         assert!(matches!(
             parse(&["--rate-per-s", "0"]),
             Err(ConfigError::BadValue { .. })
@@ -481,7 +487,10 @@ mod tests {
             parse(&["--listen", "nowhere"]),
             Err(ConfigError::BadValue { .. })
         ));
-        assert!(matches!(parse(&["--listen"]), Err(ConfigError::MissingValue(_))));
+        assert!(matches!(
+            parse(&["--listen"]),
+            Err(ConfigError::MissingValue(_))
+        ));
         assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
     }
 

@@ -226,12 +226,21 @@ pub enum Upgrade {
 
 /// Hand the request head to tungstenite. `head` is exactly the request head;
 /// `early` the bytes that followed it.
-pub fn start_handshake(mut wire: Wire, head: Vec<u8>, early: Vec<u8>, config: WebSocketConfig) -> Upgrade {
+pub fn start_handshake(
+    mut wire: Wire,
+    head: Vec<u8>,
+    early: Vec<u8>,
+    config: WebSocketConfig,
+) -> Upgrade {
     wire.replay = head;
     wire.replay_at = 0;
     wire.early = early;
     wire.handshaking = true;
-    finish(tungstenite::accept_hdr_with_config(wire, NoCallback, Some(config)))
+    finish(tungstenite::accept_hdr_with_config(
+        wire,
+        NoCallback,
+        Some(config),
+    ))
 }
 
 /// Resume a suspended handshake on readiness.
@@ -239,7 +248,9 @@ pub fn resume_handshake(mid: Handshake) -> Upgrade {
     finish(mid.handshake())
 }
 
-fn finish(result: Result<WebSocket<Wire>, HandshakeError<ServerHandshake<Wire, NoCallback>>>) -> Upgrade {
+fn finish(
+    result: Result<WebSocket<Wire>, HandshakeError<ServerHandshake<Wire, NoCallback>>>,
+) -> Upgrade {
     match result {
         Ok(mut ws) => {
             let wire = ws.get_mut();

@@ -239,7 +239,9 @@ impl Dispatcher {
         };
         let reference = reference.as_deref();
         match command {
-            Command::Message { content, room } => self.message(key, content, room, reference, now, out),
+            Command::Message { content, room } => {
+                self.message(key, content, room, reference, now, out)
+            }
             Command::Join { room, since } => {
                 if rooms::valid_name(&room) {
                     self.join(key, &room, since, reference, out);
@@ -251,9 +253,11 @@ impl Dispatcher {
             Command::Direct { to, content } => self.direct(key, &to, &content, reference, now, out),
             Command::Rooms => self.list_rooms(key, reference, out),
             Command::Who { room } => self.who(key, &room, reference, out),
-            Command::History { room, before, limit } => {
-                self.page(key, &room, before, limit, reference, out)
-            }
+            Command::History {
+                room,
+                before,
+                limit,
+            } => self.page(key, &room, before, limit, reference, out),
         }
     }
 
@@ -348,7 +352,7 @@ impl Dispatcher {
             Some(r) if !rooms::valid_name(&r) => return self.bad_room(key, reference, out),
             Some(r) => r.as_ref().into(),
         };
-        if !member.rooms.iter().any(|r| *r == room) {
+        if !member.rooms.contains(&room) {
             let text = format!("you are not in room {room}; join it first");
             return self.error(key, ErrorCode::NotMember, &text, reference, out);
         }
@@ -423,9 +427,7 @@ impl Dispatcher {
         }
         let backlog = match since {
             Some(since) => self.history.after(room, since, self.settings.resume_max),
-            None => self
-                .history
-                .last(room, self.settings.limits.history_limit),
+            None => self.history.last(room, self.settings.limits.history_limit),
         };
         let backlog = backlog.unwrap_or_else(|e| {
             let text = format!("history of {room} is unavailable: {e}");
@@ -516,10 +518,7 @@ impl Dispatcher {
         }
         out.to(
             key,
-            protocol::encode_frame(&protocol::Direct {
-                reference,
-                ..event
-            }),
+            protocol::encode_frame(&protocol::Direct { reference, ..event }),
         );
         self.counters.directs += 1;
     }
@@ -740,7 +739,11 @@ mod tests {
         let ev = h.connect(0, "alice", "default");
         assert_eq!(
             types(&ev),
-            vec![(0, "welcome".into()), (0, "joined".into()), (0, "join".into())]
+            vec![
+                (0, "welcome".into()),
+                (0, "joined".into()),
+                (0, "join".into())
+            ]
         );
         assert_eq!(ev[0].1["user"], "alice");
         assert_eq!(ev[0].1["limits"]["max_content_bytes"], 16);
@@ -766,9 +769,18 @@ mod tests {
             username: u.map(Into::into),
             room: r.map(Into::into),
         };
-        assert_eq!(h.d.admit(1, &req(Some("alice"), None), NOW), Err(Refusal::Taken));
-        assert_eq!(h.d.admit(1, &req(Some("a b"), None), NOW), Err(Refusal::BadUsername));
-        assert_eq!(h.d.admit(1, &req(None, Some("../x")), NOW), Err(Refusal::BadRoom));
+        assert_eq!(
+            h.d.admit(1, &req(Some("alice"), None), NOW),
+            Err(Refusal::Taken)
+        );
+        assert_eq!(
+            h.d.admit(1, &req(Some("a b"), None), NOW),
+            Err(Refusal::BadUsername)
+        );
+        assert_eq!(
+            h.d.admit(1, &req(None, Some("../x")), NOW),
+            Err(Refusal::BadRoom)
+        );
         let g1 = h.d.admit(1, &req(None, None), NOW).unwrap();
         let g2 = h.d.admit(2, &req(None, None), NOW).unwrap();
         assert!(g1.starts_with("guest-") && g2.starts_with("guest-") && g1 != g2);
@@ -781,7 +793,10 @@ mod tests {
         h.connect(1, "bob", "r");
         h.connect(2, "carol", "other");
         let ev = h.send(0, r#"{"type":"message","content":"hi","ref":"c1"}"#);
-        assert_eq!(types(&ev), vec![(0, "message".into()), (1, "message".into())]);
+        assert_eq!(
+            types(&ev),
+            vec![(0, "message".into()), (1, "message".into())]
+        );
         assert_eq!(ev[0].1["ref"], "c1");
         assert!(ev[1].1.get("ref").is_none());
         assert_eq!(ev[1].1["id"], 1);
@@ -796,7 +811,10 @@ mod tests {
     fn message_errors() {
         let mut h = Harness::new();
         h.connect(0, "alice", "r");
-        let long = format!(r#"{{"type":"message","content":"{}","ref":"x"}}"#, "a".repeat(17));
+        let long = format!(
+            r#"{{"type":"message","content":"{}","ref":"x"}}"#,
+            "a".repeat(17)
+        );
         let ev = h.send(0, &long);
         assert_eq!(error_code(&ev), "too_long");
         assert_eq!(ev[0].1["ref"], "x");
@@ -806,7 +824,10 @@ mod tests {
         assert_eq!(error_code(&ev), "bad_room");
         assert_eq!(error_code(&h.send(0, "plain text")), "bad_json");
         assert_eq!(error_code(&h.send(0, r#"{"type":"x"}"#)), "unknown_type");
-        assert_eq!(error_code(&h.send(0, r#"{"content":"x"}"#)), "missing_field");
+        assert_eq!(
+            error_code(&h.send(0, r#"{"content":"x"}"#)),
+            "missing_field"
+        );
     }
 
     #[test]
@@ -818,7 +839,10 @@ mod tests {
         }
         h.connect(1, "bob", "home");
         let ev = h.send(1, r#"{"type":"join","room":"r","ref":"j"}"#);
-        assert_eq!(types(&ev), vec![(1, "joined".into()), (0, "join".into()), (1, "join".into())]);
+        assert_eq!(
+            types(&ev),
+            vec![(1, "joined".into()), (0, "join".into()), (1, "join".into())]
+        );
         assert_eq!(ev[0].1["users"], serde_json::json!(["alice", "bob"]));
         assert_eq!(ev[0].1["history"].as_array().unwrap().len(), 3);
         assert_eq!(ev[0].1["history"][0]["content"], "m0");
@@ -826,9 +850,18 @@ mod tests {
         let ev = h.send(1, r#"{"type":"leave","room":"r"}"#);
         assert_eq!(types(&ev), vec![(1, "left".into()), (0, "leave".into())]);
         assert_eq!(ev[1].1["content"], "bob left");
-        assert_eq!(error_code(&h.send(1, r#"{"type":"leave","room":"r"}"#)), "not_member");
-        assert_eq!(error_code(&h.send(1, r#"{"type":"join","room":"a b"}"#)), "bad_room");
-        assert_eq!(error_code(&h.send(1, r#"{"type":"join"}"#)), "missing_field");
+        assert_eq!(
+            error_code(&h.send(1, r#"{"type":"leave","room":"r"}"#)),
+            "not_member"
+        );
+        assert_eq!(
+            error_code(&h.send(1, r#"{"type":"join","room":"a b"}"#)),
+            "bad_room"
+        );
+        assert_eq!(
+            error_code(&h.send(1, r#"{"type":"join"}"#)),
+            "missing_field"
+        );
     }
 
     #[test]
@@ -855,7 +888,10 @@ mod tests {
         h.connect(0, "alice", "r0");
         h.send(0, r#"{"type":"join","room":"r1"}"#);
         h.send(0, r#"{"type":"join","room":"r2"}"#);
-        assert_eq!(error_code(&h.send(0, r#"{"type":"join","room":"r3"}"#)), "too_many_rooms");
+        assert_eq!(
+            error_code(&h.send(0, r#"{"type":"join","room":"r3"}"#)),
+            "too_many_rooms"
+        );
     }
 
     #[test]
@@ -863,7 +899,10 @@ mod tests {
         let mut h = Harness::new();
         h.connect(0, "alice", "r");
         h.connect(1, "bob", "s");
-        let ev = h.send(0, r#"{"type":"direct","to":"bob","content":"psst","ref":"d1"}"#);
+        let ev = h.send(
+            0,
+            r#"{"type":"direct","to":"bob","content":"psst","ref":"d1"}"#,
+        );
         assert_eq!(types(&ev), vec![(1, "direct".into()), (0, "direct".into())]);
         assert_eq!(ev[0].1["from"], "alice");
         assert_eq!(ev[0].1["to"], "bob");
@@ -871,7 +910,10 @@ mod tests {
         assert_eq!(ev[1].1["ref"], "d1");
         let ev = h.send(0, r#"{"type":"direct","to":"nobody","content":"x"}"#);
         assert_eq!(error_code(&ev), "unknown_user");
-        let long = format!(r#"{{"type":"direct","to":"bob","content":"{}"}}"#, "a".repeat(17));
+        let long = format!(
+            r#"{{"type":"direct","to":"bob","content":"{}"}}"#,
+            "a".repeat(17)
+        );
         assert_eq!(error_code(&h.send(0, &long)), "too_long");
     }
 
@@ -890,7 +932,10 @@ mod tests {
         let ev = h.send(2, r#"{"type":"who","room":"r"}"#);
         assert_eq!(ev[0].1["type"], "members");
         assert_eq!(ev[0].1["users"], serde_json::json!(["alice", "bob"]));
-        assert_eq!(error_code(&h.send(2, r#"{"type":"who","room":""}"#)), "bad_room");
+        assert_eq!(
+            error_code(&h.send(2, r#"{"type":"who","room":""}"#)),
+            "bad_room"
+        );
     }
 
     #[test]
@@ -929,7 +974,10 @@ mod tests {
         for _ in 0..40 {
             h.send(0, r#"{"type":"rooms"}"#);
         }
-        assert_eq!(error_code(&h.send(0, r#"{"type":"rooms"}"#)), "rate_limited");
+        assert_eq!(
+            error_code(&h.send(0, r#"{"type":"rooms"}"#)),
+            "rate_limited"
+        );
         for _ in 0..39 {
             h.send(0, r#"{"type":"rooms"}"#);
         }
@@ -978,7 +1026,10 @@ mod tests {
         };
         h.d.admit(1, &req, NOW).unwrap();
         h.d.disconnect(1, &mut h.out);
-        assert!(h.take().is_empty(), "no leave for a member that never joined");
+        assert!(
+            h.take().is_empty(),
+            "no leave for a member that never joined"
+        );
     }
 
     struct FailingHistory;
@@ -993,7 +1044,12 @@ mod tests {
         fn last(&mut self, _: &str, _: usize) -> Result<Vec<Kept>, crate::store::HistoryError> {
             Ok(Vec::new())
         }
-        fn after(&mut self, _: &str, _: u64, _: usize) -> Result<Vec<Kept>, crate::store::HistoryError> {
+        fn after(
+            &mut self,
+            _: &str,
+            _: u64,
+            _: usize,
+        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
             Ok(Vec::new())
         }
         fn before(

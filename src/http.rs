@@ -148,7 +148,12 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// A complete HTTP/1.1 answer that closes the connection.
-pub fn answer(status: u16, content_type: &str, body: &[u8], extra_headers: &[(&str, &str)]) -> Vec<u8> {
+pub fn answer(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    extra_headers: &[(&str, &str)],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(160 + body.len());
     out.extend_from_slice(
         format!(
@@ -190,7 +195,10 @@ mod tests {
             query_param(h.query.as_deref(), "username"),
             Some(Ok("alice".into()))
         );
-        assert_eq!(query_param(h.query.as_deref(), "room"), Some(Ok("r".into())));
+        assert_eq!(
+            query_param(h.query.as_deref(), "room"),
+            Some(Ok("r".into()))
+        );
         assert_eq!(query_param(h.query.as_deref(), "since"), None);
     }
 
@@ -211,7 +219,9 @@ mod tests {
 
     #[test]
     fn plain_get_is_not_an_upgrade() {
-        let h = parse_head(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().unwrap();
+        let h = parse_head(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.upgrade);
         assert_eq!(h.method, "GET");
     }

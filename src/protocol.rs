@@ -376,7 +376,9 @@ pub fn encode_frame<E: Serialize>(event: &E) -> Frame {
     // strings, numbers and already-valid raw JSON.
     if serde_json::to_writer(&mut buf, event).is_err() {
         buf.truncate(MAX_HEADER);
-        buf.extend_from_slice(b"{\"type\":\"error\",\"content\":\"internal encoding error\",\"code\":\"bad_json\"}");
+        buf.extend_from_slice(
+            b"{\"type\":\"error\",\"content\":\"internal encoding error\",\"code\":\"bad_json\"}",
+        );
     }
     frame_from_payload_buf(buf, 0x1)
 }
@@ -464,7 +466,9 @@ mod tests {
             Command::Leave { .. }
         ));
         assert!(matches!(
-            decode(r#"{"type":"direct","to":"bob","content":"x"}"#).unwrap().0,
+            decode(r#"{"type":"direct","to":"bob","content":"x"}"#)
+                .unwrap()
+                .0,
             Command::Direct { .. }
         ));
         assert_eq!(decode(r#"{"type":"rooms"}"#).unwrap().0, Command::Rooms);
@@ -500,12 +504,18 @@ mod tests {
     fn error_codes_are_exact() {
         assert_eq!(code("hello"), ErrorCode::BadJson);
         assert_eq!(code("[1,2]"), ErrorCode::BadJson);
-        assert_eq!(code(r#"{"type":"message","content":5}"#), ErrorCode::BadJson);
+        assert_eq!(
+            code(r#"{"type":"message","content":5}"#),
+            ErrorCode::BadJson
+        );
         assert_eq!(code(r#"{"content":"hi"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"type":"message"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::MissingField);
-        assert_eq!(code(r#"{"type":"direct","to":"x"}"#), ErrorCode::MissingField);
+        assert_eq!(
+            code(r#"{"type":"direct","to":"x"}"#),
+            ErrorCode::MissingField
+        );
         let long_ref = format!(r#"{{"type":"rooms","ref":"{}"}}"#, "x".repeat(65));
         assert_eq!(code(&long_ref), ErrorCode::TooLong);
     }

@@ -77,7 +77,10 @@ impl Bucket {
 mod tests {
     use super::*;
 
-    const RATE: Rate = Rate { per_s: 20, burst: 40 };
+    const RATE: Rate = Rate {
+        per_s: 20,
+        burst: 40,
+    };
 
     #[test]
     fn burst_then_refuse_then_refill() {

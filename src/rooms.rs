@@ -49,6 +49,9 @@ pub struct Room {
     pub members: Vec<ConnKey>,
 }
 
+/// The rooms a removed member was in, each with whether it is now gone.
+pub type LeftRooms = Vec<(Rc<str>, bool)>;
+
 /// The tables.
 #[derive(Debug, Default)]
 pub struct Rooms {
@@ -177,7 +180,7 @@ impl Rooms {
 
     /// Forget `key` entirely: out of every room, name released. Returns the
     /// member (with the rooms it was in) so the caller can tell those rooms.
-    pub fn remove_member(&mut self, key: ConnKey) -> Option<(Member, Vec<(Rc<str>, bool)>)> {
+    pub fn remove_member(&mut self, key: ConnKey) -> Option<(Member, LeftRooms)> {
         let mut member = self.members.get_mut(key).and_then(Option::take)?;
         self.member_count -= 1;
         self.names.remove(&member.name);
@@ -272,10 +275,7 @@ mod tests {
         t.join(1, "r2", 8);
         let (m, rooms) = t.remove_member(0).unwrap();
         assert_eq!(&*m.name, "a");
-        assert_eq!(
-            rooms,
-            vec![(Rc::from("r1"), true), (Rc::from("r2"), false)]
-        );
+        assert_eq!(rooms, vec![(Rc::from("r1"), true), (Rc::from("r2"), false)]);
         assert!(t.by_name("a").is_none());
         assert_eq!(t.names_in("r2"), vec!["b"]);
         assert_eq!(t.member_count(), 1);

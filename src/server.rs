@@ -482,7 +482,11 @@ impl Server {
     /// Connections whose read budget ran out last iteration.
     fn continue_reads(&mut self) {
         for (key, generation) in std::mem::take(&mut self.again) {
-            if self.conns.get(key).is_some_and(|c| c.generation == generation && !c.doomed) {
+            if self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.generation == generation && !c.doomed)
+            {
                 self.read(key);
             }
         }
@@ -610,7 +614,11 @@ impl Server {
         endpoint: Endpoint,
     ) -> Result<(), (Reject, u16, String)> {
         if head.ws_version.as_deref() != Some("13") {
-            return Err((Reject::BadRequest, 426, "only WebSocket version 13 is supported".into()));
+            return Err((
+                Reject::BadRequest,
+                426,
+                "only WebSocket version 13 is supported".into(),
+            ));
         }
         if !head.ws_key {
             return Err((Reject::BadRequest, 400, "missing Sec-WebSocket-Key".into()));
@@ -642,7 +650,11 @@ impl Server {
         let since = match param("since")? {
             None => None,
             Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                (Reject::BadRequest, 400, "since must be a message id (a whole number)".to_string())
+                (
+                    Reject::BadRequest,
+                    400,
+                    "since must be a message id (a whole number)".to_string(),
+                )
             })?),
         };
         if let Some(tokens) = &self.config.auth {
@@ -651,7 +663,11 @@ impl Server {
                 return Err((Reject::Auth, 401, "missing or invalid token".into()));
             };
             if username.as_deref().is_some_and(|u| u != user) {
-                return Err((Reject::Auth, 401, "token does not belong to that username".into()));
+                return Err((
+                    Reject::Auth,
+                    401,
+                    "token does not belong to that username".into(),
+                ));
             }
             username = Some(user.to_string());
         }
@@ -711,8 +727,12 @@ impl Server {
                 let (generation, since, endpoint) = (conn.generation, conn.since, conn.endpoint);
                 self.counters.sessions_opened += 1;
                 conn.last_seen_ms = now;
-                self.timers
-                    .arm(now + self.config.heartbeat_ms, key, generation, Kind::Heartbeat);
+                self.timers.arm(
+                    now + self.config.heartbeat_ms,
+                    key,
+                    generation,
+                    Kind::Heartbeat,
+                );
                 if endpoint == Endpoint::Chat {
                     self.dispatcher.open(key, since, &mut self.out);
                 }
@@ -889,7 +909,12 @@ impl Server {
             }
             match out.closes.pop() {
                 Some(req) => {
-                    log::debug!("conn #{}: closing with {}: {}", req.key, req.code, req.reason);
+                    log::debug!(
+                        "conn #{}: closing with {}: {}",
+                        req.key,
+                        req.code,
+                        req.reason
+                    );
                     self.close_with(req.key, req.code, req.reason, true);
                 }
                 None => break,
@@ -963,9 +988,11 @@ impl Server {
                         conn.want_write = true;
                         if let Some(wire) = conn.wire() {
                             let interest = Interest::READABLE | Interest::WRITABLE;
-                            if let Err(e) =
-                                self.poll.registry().reregister(&mut wire.sock, Token(key), interest)
-                            {
+                            if let Err(e) = self.poll.registry().reregister(
+                                &mut wire.sock,
+                                Token(key),
+                                interest,
+                            ) {
                                 log::debug!("conn #{key}: reregister failed: {e}");
                                 self.abort(key);
                             }
@@ -1142,7 +1169,8 @@ impl Server {
                 wire.outbox.push(protocol::ping_frame());
             }
             self.mark_dirty(key);
-            self.timers.arm(now + interval, key, generation, Kind::Heartbeat);
+            self.timers
+                .arm(now + interval, key, generation, Kind::Heartbeat);
         } else {
             log::debug!("conn #{key}: no pong within {interval} ms, dropping");
             self.counters.heartbeat_timeouts += 1;
@@ -1210,10 +1238,11 @@ impl Server {
 
     /// Gather `/stats`.
     pub fn snapshot(&mut self) -> Snapshot {
-        let mut by_state: Vec<(&'static str, u64)> = ["head", "handshake", "open", "closing", "answer"]
-            .iter()
-            .map(|s| (*s, 0))
-            .collect();
+        let mut by_state: Vec<(&'static str, u64)> =
+            ["head", "handshake", "open", "closing", "answer"]
+                .iter()
+                .map(|s| (*s, 0))
+                .collect();
         let mut outbox_bytes = 0u64;
         for (_, conn) in self.conns.iter_mut() {
             let name = conn.phase.name();
@@ -1222,7 +1251,10 @@ impl Server {
             }
             outbox_bytes += conn.queued() as u64;
         }
-        let open = by_state.iter().find(|(s, _)| *s == "open").map_or(0, |s| s.1);
+        let open = by_state
+            .iter()
+            .find(|(s, _)| *s == "open")
+            .map_or(0, |s| s.1);
         let d = &self.dispatcher.counters;
         Snapshot {
             uptime_s: self.started.elapsed().as_secs(),
@@ -1248,7 +1280,10 @@ impl Server {
 /// Find the username for `token`, comparing against every token in
 /// constant time per byte, so that response timing reveals nothing about
 /// how much of a guess was right.
-fn lookup_token<'a>(tokens: &'a std::collections::HashMap<String, String>, token: &str) -> Option<&'a str> {
+fn lookup_token<'a>(
+    tokens: &'a std::collections::HashMap<String, String>,
+    token: &str,
+) -> Option<&'a str> {
     let mut found = None;
     for (candidate, user) in tokens {
         if constant_time_eq(candidate.as_bytes(), token.as_bytes()) {
@@ -1287,7 +1322,7 @@ fn raise_fd_limit() -> u64 {
             }
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 #[cfg(test)]

@@ -112,7 +112,12 @@ impl Snapshot {
             .collect();
         let rejected: serde_json::Map<String, serde_json::Value> = Reject::ALL
             .iter()
-            .map(|r| (r.label().to_string(), self.loops.rejected[*r as usize].into()))
+            .map(|r| {
+                (
+                    r.label().to_string(),
+                    self.loops.rejected[*r as usize].into(),
+                )
+            })
             .collect();
         let store: serde_json::Map<String, serde_json::Value> = self
             .store
@@ -164,40 +169,155 @@ impl Snapshot {
                 let _ = writeln!(out, "loopchat_{name}{labels} {value}");
             }
         };
-        metric("connections", "gauge", "Open WebSocket sessions.", &[("", self.connections)]);
+        metric(
+            "connections",
+            "gauge",
+            "Open WebSocket sessions.",
+            &[("", self.connections)],
+        );
         let by_state: Vec<(String, u64)> = self
             .by_state
             .iter()
             .map(|(s, v)| (format!("{{state=\"{s}\"}}"), *v))
             .collect();
         let by_state: Vec<(&str, u64)> = by_state.iter().map(|(s, v)| (s.as_str(), *v)).collect();
-        metric("connections_by_state", "gauge", "Connections per state.", &by_state);
-        metric("max_connections", "gauge", "Connection limit.", &[("", self.max_connections)]);
+        metric(
+            "connections_by_state",
+            "gauge",
+            "Connections per state.",
+            &by_state,
+        );
+        metric(
+            "max_connections",
+            "gauge",
+            "Connection limit.",
+            &[("", self.max_connections)],
+        );
         metric("rooms", "gauge", "Live rooms.", &[("", self.rooms)]);
-        metric("accepted_total", "counter", "TCP connections accepted.", &[("", l.accepted)]);
+        metric(
+            "accepted_total",
+            "counter",
+            "TCP connections accepted.",
+            &[("", l.accepted)],
+        );
         let rejected: Vec<(String, u64)> = Reject::ALL
             .iter()
-            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), l.rejected[*r as usize]))
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.label()),
+                    l.rejected[*r as usize],
+                )
+            })
             .collect();
         let rejected: Vec<(&str, u64)> = rejected.iter().map(|(s, v)| (s.as_str(), *v)).collect();
-        metric("rejected_total", "counter", "Connections refused, by reason.", &rejected);
-        metric("sessions_opened_total", "counter", "WebSocket sessions opened.", &[("", l.sessions_opened)]);
-        metric("sessions_closed_total", "counter", "WebSocket sessions closed.", &[("", l.sessions_closed)]);
-        metric("messages_in_total", "counter", "Room messages accepted.", &[("", self.messages)]);
-        metric("messages_out_total", "counter", "Room message deliveries queued.", &[("", self.deliveries)]);
-        metric("directs_total", "counter", "Direct messages sent.", &[("", self.directs)]);
-        metric("bytes_in_total", "counter", "Bytes read from sockets.", &[("", l.bytes_in)]);
-        metric("bytes_out_total", "counter", "Bytes written to sockets.", &[("", l.bytes_out)]);
-        metric("slow_consumer_drops_total", "counter", "Connections closed for not reading.", &[("", l.slow_consumer_drops)]);
-        metric("rate_limited_total", "counter", "Commands refused by the rate limit.", &[("", self.rate_limited)]);
-        metric("flood_closes_total", "counter", "Connections closed for flooding.", &[("", self.floods)]);
-        metric("heartbeat_timeouts_total", "counter", "Connections dropped for missed heartbeats.", &[("", l.heartbeat_timeouts)]);
-        metric("protocol_closes_total", "counter", "Connections closed for protocol violations.", &[("", l.protocol_closes)]);
-        metric("errors_sent_total", "counter", "error events sent.", &[("", self.errors_sent)]);
-        metric("accept_fd_exhausted_total", "counter", "accept() failures for lack of file descriptors.", &[("", l.accept_fd_exhausted)]);
-        metric("outbox_bytes", "gauge", "Unsent output bytes, all connections.", &[("", self.outbox_bytes)]);
-        metric("loop_iterations_total", "counter", "Poll loop iterations.", &[("", l.iterations)]);
-        metric("loop_slowest_iteration_microseconds", "gauge", "Longest loop iteration so far.", &[("", l.slowest_iteration_us)]);
+        metric(
+            "rejected_total",
+            "counter",
+            "Connections refused, by reason.",
+            &rejected,
+        );
+        metric(
+            "sessions_opened_total",
+            "counter",
+            "WebSocket sessions opened.",
+            &[("", l.sessions_opened)],
+        );
+        metric(
+            "sessions_closed_total",
+            "counter",
+            "WebSocket sessions closed.",
+            &[("", l.sessions_closed)],
+        );
+        metric(
+            "messages_in_total",
+            "counter",
+            "Room messages accepted.",
+            &[("", self.messages)],
+        );
+        metric(
+            "messages_out_total",
+            "counter",
+            "Room message deliveries queued.",
+            &[("", self.deliveries)],
+        );
+        metric(
+            "directs_total",
+            "counter",
+            "Direct messages sent.",
+            &[("", self.directs)],
+        );
+        metric(
+            "bytes_in_total",
+            "counter",
+            "Bytes read from sockets.",
+            &[("", l.bytes_in)],
+        );
+        metric(
+            "bytes_out_total",
+            "counter",
+            "Bytes written to sockets.",
+            &[("", l.bytes_out)],
+        );
+        metric(
+            "slow_consumer_drops_total",
+            "counter",
+            "Connections closed for not reading.",
+            &[("", l.slow_consumer_drops)],
+        );
+        metric(
+            "rate_limited_total",
+            "counter",
+            "Commands refused by the rate limit.",
+            &[("", self.rate_limited)],
+        );
+        metric(
+            "flood_closes_total",
+            "counter",
+            "Connections closed for flooding.",
+            &[("", self.floods)],
+        );
+        metric(
+            "heartbeat_timeouts_total",
+            "counter",
+            "Connections dropped for missed heartbeats.",
+            &[("", l.heartbeat_timeouts)],
+        );
+        metric(
+            "protocol_closes_total",
+            "counter",
+            "Connections closed for protocol violations.",
+            &[("", l.protocol_closes)],
+        );
+        metric(
+            "errors_sent_total",
+            "counter",
+            "error events sent.",
+            &[("", self.errors_sent)],
+        );
+        metric(
+            "accept_fd_exhausted_total",
+            "counter",
+            "accept() failures for lack of file descriptors.",
+            &[("", l.accept_fd_exhausted)],
+        );
+        metric(
+            "outbox_bytes",
+            "gauge",
+            "Unsent output bytes, all connections.",
+            &[("", self.outbox_bytes)],
+        );
+        metric(
+            "loop_iterations_total",
+            "counter",
+            "Poll loop iterations.",
+            &[("", l.iterations)],
+        );
+        metric(
+            "loop_slowest_iteration_microseconds",
+            "gauge",
+            "Longest loop iteration so far.",
+            &[("", l.slowest_iteration_us)],
+        );
         for (name, value) in &self.store {
             let kind = if name.ends_with("_us") || name.ends_with("_bytes") {
                 "gauge"
@@ -211,7 +331,12 @@ impl Snapshot {
             };
             metric(&full, kind, "History store.", &[("", *value)]);
         }
-        metric("uptime_seconds", "gauge", "Seconds since start.", &[("", self.uptime_s)]);
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            &[("", self.uptime_s)],
+        );
         out
     }
 }
@@ -228,7 +353,14 @@ mod tests {
             ..Snapshot::default()
         };
         let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
-        for field in ["connections", "rooms", "messages", "bytes_in", "bytes_out", "uptime_s"] {
+        for field in [
+            "connections",
+            "rooms",
+            "messages",
+            "bytes_in",
+            "bytes_out",
+            "uptime_s",
+        ] {
             assert!(v[field].is_u64(), "{field} missing");
         }
         assert_eq!(v["connections"], 3);

@@ -133,7 +133,10 @@ mod tests {
         slots.insert(7, 2);
         t.arm(500, 7, 2, Kind::Heartbeat);
         let current = |k: ConnKey| slots.get(&k).copied();
-        assert!(t.pop_due(100, current).is_none(), "stale timer must be dropped");
+        assert!(
+            t.pop_due(100, current).is_none(),
+            "stale timer must be dropped"
+        );
         assert_eq!(t.len(), 1);
         let due = t.pop_due(500, current).expect("the new owner's timer");
         assert_eq!((due.generation, due.kind), (2, Kind::Heartbeat));

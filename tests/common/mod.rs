@@ -35,7 +35,8 @@ impl TestServer {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let server = Server::bind(config).expect("server binds");
-            tx.send((server.local_addr(), server.handle())).expect("report");
+            tx.send((server.local_addr(), server.handle()))
+                .expect("report");
             server.run().expect("server loop");
         });
         let (addr, handle) = rx.recv_timeout(DEADLINE).expect("server started");
@@ -84,7 +85,10 @@ impl TestServer {
             if pred(&s) {
                 return s;
             }
-            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}: {s}");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}: {s}"
+            );
             std::thread::yield_now();
         }
     }
@@ -123,7 +127,10 @@ pub fn parse_answer(answer: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -174,7 +181,9 @@ impl Client {
     pub fn next(&mut self) -> Value {
         loop {
             match self.ws.read() {
-                Ok(Message::Text(t)) => return serde_json::from_str(t.as_str()).expect("json event"),
+                Ok(Message::Text(t)) => {
+                    return serde_json::from_str(t.as_str()).expect("json event")
+                }
                 Ok(Message::Close(c)) => panic!("closed by server: {c:?}"),
                 Ok(_) => continue,
                 Err(e) => panic!("read failed (deadline or error): {e}"),
@@ -222,7 +231,10 @@ impl Client {
                 Ok(Message::Close(None)) => return None,
                 Ok(_) => continue,
                 Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
                 {
                     panic!("server did not close within the deadline")
                 }
@@ -234,6 +246,8 @@ impl Client {
     /// Send a message and return the sender's own copy.
     pub fn say(&mut self, content: &str) -> Value {
         self.send(serde_json::json!({"type":"message","content":content}));
-        self.wait_for("own message", |v| v["type"] == "message" && v["content"] == content)
+        self.wait_for("own message", |v| {
+            v["type"] == "message" && v["content"] == content
+        })
     }
 }

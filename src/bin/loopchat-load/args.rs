@@ -166,11 +166,15 @@ const ONLY: &[(&str, &[Scenario])] = &[
 fn value<T: FromStr>(parser: &mut lexopt::Parser, flag: &str) -> Result<T, ArgsError> {
     let raw = parser.value()?;
     let text = raw.to_string_lossy().into_owned();
-    text.parse().map_err(|_| ArgsError::Usage(format!("--{flag}: bad value {text:?}")))
+    text.parse()
+        .map_err(|_| ArgsError::Usage(format!("--{flag}: bad value {text:?}")))
 }
 
 /// Parses the arguments after the program name.
-pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, tag: &str) -> Result<Options, ArgsError> {
+pub fn parse(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    tag: &str,
+) -> Result<Options, ArgsError> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_args(args);
     let mut scenario = None;
@@ -212,7 +216,11 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, tag: &str) -> R
                     Some("idle") => Scenario::Idle,
                     Some("fanout") => Scenario::Fanout,
                     Some("churn") => Scenario::Churn,
-                    _ => return Err(ArgsError::Usage(format!("unknown scenario {v:?}: use idle, fanout or churn"))),
+                    _ => {
+                        return Err(ArgsError::Usage(format!(
+                            "unknown scenario {v:?}: use idle, fanout or churn"
+                        )))
+                    }
                 });
                 continue;
             }
@@ -233,7 +241,10 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, tag: &str) -> R
                 o.pid = if v == "auto" {
                     PidChoice::Auto
                 } else {
-                    PidChoice::Pid(v.parse().map_err(|_| ArgsError::Usage(format!("--pid: bad value {v:?}")))?)
+                    PidChoice::Pid(
+                        v.parse()
+                            .map_err(|_| ArgsError::Usage(format!("--pid: bad value {v:?}")))?,
+                    )
                 };
             }
             "room" => o.room = value(&mut parser, &flag)?,
@@ -253,11 +264,15 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>, tag: &str) -> R
         }
         seen.push(flag);
     }
-    o.scenario = scenario.ok_or_else(|| ArgsError::Usage("missing scenario: idle, fanout or churn".into()))?;
+    o.scenario = scenario
+        .ok_or_else(|| ArgsError::Usage("missing scenario: idle, fanout or churn".into()))?;
     for flag in &seen {
         if let Some((_, allowed)) = ONLY.iter().find(|(f, _)| f == flag) {
             if !allowed.contains(&o.scenario) {
-                return Err(ArgsError::Usage(format!("--{flag} does not apply to {}", o.scenario.name())));
+                return Err(ArgsError::Usage(format!(
+                    "--{flag} does not apply to {}",
+                    o.scenario.name()
+                )));
             }
         }
     }
@@ -291,15 +306,25 @@ fn check(o: &Options) -> Result<(), ArgsError> {
         return fail("--user-prefix: 1-20 chars of A-Z a-z 0-9 _ . -");
     }
     match o.scenario {
-        Scenario::Idle if o.conns == 0 || o.room_size == 0 => fail("--conns and --room-size must be at least 1"),
+        Scenario::Idle if o.conns == 0 || o.room_size == 0 => {
+            fail("--conns and --room-size must be at least 1")
+        }
         Scenario::Fanout if o.receivers == 0 || o.senders == 0 || o.messages == 0 => {
             fail("--receivers, --senders and --messages must be at least 1")
         }
         Scenario::Fanout if o.senders > o.receivers => fail("--senders cannot exceed --receivers"),
-        Scenario::Fanout if o.msg_rate == 0.0 && o.window == 0 => fail("--window must be at least 1 with --msg-rate 0"),
-        Scenario::Fanout if !(40..=4000).contains(&o.payload) => fail("--payload-bytes must be 40..4000"),
-        Scenario::Fanout if o.messages > u32::MAX as u64 || o.senders > u32::MAX as u64 => fail("--messages too large"),
-        Scenario::Churn if o.cycles == 0 || o.concurrency == 0 => fail("--cycles and --concurrency must be at least 1"),
+        Scenario::Fanout if o.msg_rate == 0.0 && o.window == 0 => {
+            fail("--window must be at least 1 with --msg-rate 0")
+        }
+        Scenario::Fanout if !(40..=4000).contains(&o.payload) => {
+            fail("--payload-bytes must be 40..4000")
+        }
+        Scenario::Fanout if o.messages > u32::MAX as u64 || o.senders > u32::MAX as u64 => {
+            fail("--messages too large")
+        }
+        Scenario::Churn if o.cycles == 0 || o.concurrency == 0 => {
+            fail("--cycles and --concurrency must be at least 1")
+        }
         _ => Ok(()),
     }
 }
@@ -315,7 +340,10 @@ mod tests {
     #[test]
     fn defaults_and_flags() {
         let o = p("fanout --receivers 20 --senders 4 --threads 2 --json").unwrap();
-        assert_eq!((o.scenario, o.receivers, o.senders, o.threads, o.json), (Scenario::Fanout, 20, 4, 2, true));
+        assert_eq!(
+            (o.scenario, o.receivers, o.senders, o.threads, o.json),
+            (Scenario::Fanout, 20, 4, 2, true)
+        );
         assert_eq!(o.room, "ld-t1");
         assert_eq!(o.target.addr.port(), 8080);
         assert_eq!(p("churn --pid auto").unwrap().pid, PidChoice::Auto);

@@ -49,11 +49,13 @@ struct Share {
 
 fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) = Driver::<Peer>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-        .map_err(|e| format!("cannot create the event loop: {e}"))?;
+    let (mut d, waker) =
+        Driver::<Peer>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
+            .map_err(|e| format!("cannot create the event loop: {e}"))?;
     w.note(Note::Ready(waker));
     let c = &w.shared.counters;
-    let slots = (o.concurrency / w.threads as u64 + u64::from((w.index as u64) < o.concurrency % w.threads as u64)) as usize;
+    let slots = (o.concurrency / w.threads as u64
+        + u64::from((w.index as u64) < o.concurrency % w.threads as u64)) as usize;
     let mut share = Share::default();
     let (mut exhausted, mut noted, mut stopping) = (false, false, false);
     let mut events = Vec::new();
@@ -68,7 +70,11 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
             }
             let name = format!("{}c{n}", o.user_prefix);
             let params = format!("username={name}&room={}", o.room);
-            let peer = Peer { name, content: format!("c{n}"), stage: Stage::Welcome };
+            let peer = Peer {
+                name,
+                content: format!("c{n}"),
+                stage: Stage::Welcome,
+            };
             if let Err(e) = d.open(&params, peer, now) {
                 wire::bump(&mut share.failures, e.label());
                 c.failed.fetch_add(1, Relaxed);
@@ -82,20 +88,25 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
             return Ok(share);
         }
         d.flush();
-        d.turn(Some(MAX_WAIT), &mut events).map_err(|e| format!("poll: {e}"))?;
+        d.turn(Some(MAX_WAIT), &mut events)
+            .map_err(|e| format!("poll: {e}"))?;
         let now = Instant::now();
         for (key, event) in events.drain(..) {
             let Some(conn) = d.get(key) else { continue };
             match event {
                 ConnEvent::Open => conn.set_deadline(Some((now + timeout, "welcome"))),
                 ConnEvent::Text(text) => {
-                    let Some(ev) = wire::parse(&text) else { continue };
+                    let Some(ev) = wire::parse(&text) else {
+                        continue;
+                    };
                     let p = &mut conn.peer;
                     match ev.kind.as_ref() {
                         "welcome" if p.stage == Stage::Welcome => {
                             p.stage = Stage::Echo;
                             let cmd = wire::message_command(&o.room, &p.content);
-                            share.welcome.record(now.duration_since(conn.started).as_micros() as u64);
+                            share
+                                .welcome
+                                .record(now.duration_since(conn.started).as_micros() as u64);
                             conn.set_deadline(Some((now + timeout, "echo")));
                             actions.push((key, Some(cmd)));
                         }
@@ -107,13 +118,18 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
                             p.stage = Stage::Closing;
                             actions.push((key, None));
                         }
-                        "error" => wire::bump(&mut share.errors, ev.code.as_deref().unwrap_or("?").to_string()),
+                        "error" => wire::bump(
+                            &mut share.errors,
+                            ev.code.as_deref().unwrap_or("?").to_string(),
+                        ),
                         _ => {}
                     }
                 }
                 ConnEvent::Ended(Ended::Clean) if conn.peer.stage == Stage::Closing => {
                     share.completed += 1;
-                    share.cycle.record(now.duration_since(conn.started).as_micros() as u64);
+                    share
+                        .cycle
+                        .record(now.duration_since(conn.started).as_micros() as u64);
                     c.cycles.fetch_add(1, Relaxed);
                 }
                 ConnEvent::Ended(how) => {
@@ -154,14 +170,22 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     let c = &shared.counters;
     let mut mid: Option<Sample> = None;
     while crew.done < crew.threads && Instant::now() < deadline {
-        let until = progress.next_due().min(deadline).min(Instant::now() + MID_CHECK);
+        let until = progress
+            .next_due()
+            .min(deadline)
+            .min(Instant::now() + MID_CHECK);
         crew.wait(until)?;
         let finished = c.cycles.load(Relaxed) + c.failed.load(Relaxed);
         if mid.is_none() && finished * 2 >= o.cycles {
             mid = Some(probe.sample());
         }
         progress.tick(|t| {
-            format!("churn {t:5.1}s cycles {}/{} failed {}", c.cycles.load(Relaxed), o.cycles, c.failed.load(Relaxed))
+            format!(
+                "churn {t:5.1}s cycles {}/{} failed {}",
+                c.cycles.load(Relaxed),
+                o.cycles,
+                c.failed.load(Relaxed)
+            )
         });
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -210,23 +234,40 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         },
     });
     let mut h = String::new();
-    h += &format!("churn: {} of {} cycles, {} at a time, in {elapsed:.2} s via {}\n", t.completed, o.cycles, o.concurrency, o.url);
+    h += &format!(
+        "churn: {} of {} cycles, {} at a time, in {elapsed:.2} s via {}\n",
+        t.completed, o.cycles, o.concurrency, o.url
+    );
     h += &format!("  handshakes/s: {per_s:.0}\n");
-    h += &format!("  welcome (socket to welcome): {}\n", report::latency_line(&t.welcome));
-    h += &format!("  whole cycle (to close):      {}\n", report::latency_line(&t.cycle));
-    h += &format!("  failures: {failures} ({})\n", report::tally_line(&t.failures));
+    h += &format!(
+        "  welcome (socket to welcome): {}\n",
+        report::latency_line(&t.welcome)
+    );
+    h += &format!(
+        "  whole cycle (to close):      {}\n",
+        report::latency_line(&t.cycle)
+    );
+    h += &format!(
+        "  failures: {failures} ({})\n",
+        report::tally_line(&t.failures)
+    );
     if errors > 0 {
         h += &format!("  error events: {}\n", report::tally_line(&t.errors));
     }
     if timed_out {
-        h += &format!("  stopped by --duration-s {} before all cycles ran\n", o.duration_s);
+        h += &format!(
+            "  stopped by --duration-s {} before all cycles ran\n",
+            o.duration_s
+        );
     }
     h += &format!(
         "  server RSS growth: {}\n",
         report::or_na(growth.map(|g| {
             format!(
                 "{g} kB over the run ({} kB in its second half); {} kB -> {} kB",
-                late_growth.map(|x| x.to_string()).unwrap_or_else(|| "?".into()),
+                late_growth
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "?".into()),
                 before.rss_kb.unwrap_or(0),
                 after.rss_kb.unwrap_or(0)
             )

@@ -136,7 +136,15 @@ pub struct Conn<P> {
 impl<P> Conn<P> {
     /// Wraps a socket whose connect is in flight; the upgrade request waits
     /// in the write buffer until the connect completes.
-    pub fn new(stream: TcpStream, host: &str, target: &str, peer: P, now: Instant, timeout: Duration, seed: u32) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        host: &str,
+        target: &str,
+        peer: P,
+        now: Instant,
+        timeout: Duration,
+        seed: u32,
+    ) -> Self {
         let key = ws::new_key();
         let wbuf = ws::upgrade_request(host, target, &key);
         Conn {
@@ -239,7 +247,10 @@ impl<P> Conn<P> {
                                 self.end(Ended::Clean, out);
                             } else {
                                 // Echo the code as §5.5.1 asks, best effort.
-                                self.queue(ws::OP_CLOSE, &ws::close_payload(code.unwrap_or(ws::CLOSE_NORMAL), ""));
+                                self.queue(
+                                    ws::OP_CLOSE,
+                                    &ws::close_payload(code.unwrap_or(ws::CLOSE_NORMAL), ""),
+                                );
                                 let _ = self.try_write();
                                 self.end(Ended::ServerClosed(code), out);
                             }
@@ -255,7 +266,9 @@ impl<P> Conn<P> {
     fn eof(&mut self, out: &mut Vec<ConnEvent>) {
         match self.phase {
             Phase::Closing => self.end(Ended::Clean, out),
-            Phase::Connecting | Phase::Upgrading => self.fail(ConnError::Eof("during the handshake"), out),
+            Phase::Connecting | Phase::Upgrading => {
+                self.fail(ConnError::Eof("during the handshake"), out)
+            }
             Phase::Open => self.fail(ConnError::Eof("without a close frame"), out),
             Phase::Ended => {}
         }
@@ -326,7 +339,9 @@ impl<P> Conn<P> {
     /// Fails the connection if its timer ran out.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<ConnEvent>) {
         match self.deadline {
-            Some((at, what)) if at <= now && self.phase != Phase::Ended => self.fail(ConnError::Timeout(what), out),
+            Some((at, what)) if at <= now && self.phase != Phase::Ended => {
+                self.fail(ConnError::Timeout(what), out)
+            }
             _ => {}
         }
     }

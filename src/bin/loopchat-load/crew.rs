@@ -140,9 +140,22 @@ impl<R: Send + 'static> Crew<R> {
         });
         let body = Arc::new(body);
         let (tx, rx) = mpsc::channel();
-        let mut crew = Crew { shared, wakers: Vec::new(), rx, handles: Vec::new(), settled: 0, done: 0, threads };
+        let mut crew = Crew {
+            shared,
+            wakers: Vec::new(),
+            rx,
+            handles: Vec::new(),
+            settled: 0,
+            done: 0,
+            threads,
+        };
         for index in 0..threads {
-            let worker = Worker { index, threads, shared: crew.shared.clone(), tx: tx.clone() };
+            let worker = Worker {
+                index,
+                threads,
+                shared: crew.shared.clone(),
+                tx: tx.clone(),
+            };
             let body = body.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("load-{index}"))
@@ -175,7 +188,9 @@ impl<R: Send + 'static> Crew<R> {
 
     /// Sets the senders' start time and opens the `GO` phase.
     pub fn go(&self, at: Instant) {
-        self.shared.go_at_us.store(self.shared.micros(at), Ordering::SeqCst);
+        self.shared
+            .go_at_us
+            .store(self.shared.micros(at), Ordering::SeqCst);
         self.set_phase(GO);
     }
 
@@ -191,7 +206,9 @@ impl<R: Send + 'static> Crew<R> {
                 return Err(RunError::Worker(why));
             }
             Ok(Note::Ready(_)) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return Err(RunError::Worker("all workers exited".into())),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(RunError::Worker("all workers exited".into()))
+            }
         }
         Ok(())
     }
@@ -201,7 +218,11 @@ impl<R: Send + 'static> Crew<R> {
         self.set_phase(STOP);
         let mut out = Vec::new();
         for handle in self.handles {
-            out.push(handle.join().map_err(|_| RunError::Worker("a worker panicked".into()))?);
+            out.push(
+                handle
+                    .join()
+                    .map_err(|_| RunError::Worker("a worker panicked".into()))?,
+            );
         }
         Ok(out)
     }
@@ -222,7 +243,13 @@ impl Progress {
         let start = Instant::now();
         // SAFETY: isatty only inspects the descriptor.
         let tty = unsafe { libc::isatty(libc::STDERR_FILENO) } == 1;
-        Progress { start, next: start + Duration::from_secs(1), enabled, tty, printed: false }
+        Progress {
+            start,
+            next: start + Duration::from_secs(1),
+            enabled,
+            tty,
+            printed: false,
+        }
     }
 
     /// When the next line is due (a wait bound for the main loop).

@@ -48,7 +48,12 @@ pub struct Driver<P> {
 }
 
 impl<P> Driver<P> {
-    pub fn new(target: Arc<Target>, source_addrs: u32, thread: usize, connect_timeout: Duration) -> io::Result<(Self, Arc<Waker>)> {
+    pub fn new(
+        target: Arc<Target>,
+        source_addrs: u32,
+        thread: usize,
+        connect_timeout: Duration,
+    ) -> io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let sources = SourceAddrs::new(source_addrs, &target, thread as u32);
@@ -72,31 +77,52 @@ impl<P> Driver<P> {
 
     /// Starts a connection with `params` appended to the URL's query.
     pub fn open(&mut self, params: &str, peer: P, now: Instant) -> Result<usize, ConnError> {
-        let mut stream = net::connect_from(self.sources.next_addr(), self.target.addr).map_err(ConnError::Socket)?;
+        let mut stream = net::connect_from(self.sources.next_addr(), self.target.addr)
+            .map_err(ConnError::Socket)?;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         // Both interests, edge-triggered: WRITABLE fires once when the
         // connect completes and again only after a full send buffer drains.
         self.poll
             .registry()
-            .register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+            .register(
+                &mut stream,
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .map_err(ConnError::Socket)?;
         self.serial = self.serial.wrapping_add(0x6D2B_79F5);
         let target = self.target.request_target(params);
-        entry.insert(Conn::new(stream, &self.target.host, &target, peer, now, self.connect_timeout, self.serial));
+        entry.insert(Conn::new(
+            stream,
+            &self.target.host,
+            &target,
+            peer,
+            now,
+            self.connect_timeout,
+            self.serial,
+        ));
         Ok(key)
     }
 
     /// Removes what ended last time, waits for readiness (at most `timeout`),
     /// and appends what happened to `out`. Returns true when the main thread
     /// rang the waker (a phase change to look at).
-    pub fn turn(&mut self, timeout: Option<Duration>, out: &mut Vec<(usize, ConnEvent)>) -> io::Result<bool> {
+    pub fn turn(
+        &mut self,
+        timeout: Option<Duration>,
+        out: &mut Vec<(usize, ConnEvent)>,
+    ) -> io::Result<bool> {
         for key in self.reap.drain(..) {
             if let Some(mut conn) = self.conns.try_remove(key) {
                 let _ = self.poll.registry().deregister(conn.stream_mut());
             }
         }
-        let timeout = if self.pending.is_empty() { timeout } else { Some(Duration::ZERO) };
+        let timeout = if self.pending.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         if let Err(e) = self.poll.poll(&mut self.events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
@@ -111,7 +137,9 @@ impl<P> Driver<P> {
             let key = event.token().0;
             // An event for a slot reaped in this very call cannot happen (the
             // reap ran before the poll), but a spurious one costs nothing.
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             conn.ready(&mut self.scratch, &mut self.tmp);
             collect(key, &mut self.tmp, out, &mut self.reap);
         }
@@ -142,7 +170,9 @@ impl<P> Driver<P> {
 
     /// Queues a text message; it is written by the next `flush`.
     pub fn send_text(&mut self, key: usize, text: &str) -> bool {
-        let Some(conn) = self.conns.get_mut(key) else { return false };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
         let queued = conn.send_text(text);
         if queued && !conn.dirty {
             conn.dirty = true;
@@ -152,7 +182,9 @@ impl<P> Driver<P> {
     }
 
     pub fn close(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         conn.close(now, &mut self.tmp);
         if !conn.dirty {
             conn.dirty = true;
@@ -173,7 +205,9 @@ impl<P> Driver<P> {
     /// connection per turn, however many messages it was given.
     pub fn flush(&mut self) {
         for key in std::mem::take(&mut self.dirty) {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             conn.dirty = false;
             conn.flush(&mut self.tmp);
             self.pending.extend(self.tmp.drain(..).map(|e| (key, e)));
@@ -181,7 +215,12 @@ impl<P> Driver<P> {
     }
 }
 
-fn collect(key: usize, from: &mut Vec<ConnEvent>, out: &mut Vec<(usize, ConnEvent)>, reap: &mut Vec<usize>) {
+fn collect(
+    key: usize,
+    from: &mut Vec<ConnEvent>,
+    out: &mut Vec<(usize, ConnEvent)>,
+    reap: &mut Vec<usize>,
+) {
     for event in from.drain(..) {
         if matches!(event, ConnEvent::Ended(_)) {
             reap.push(key);

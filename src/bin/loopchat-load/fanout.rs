@@ -109,24 +109,41 @@ fn content(sender: u64, seq: u64, t_us: u64, len: usize) -> String {
 
 fn parse_content(c: &str) -> Option<(u64, u64, u64)> {
     let mut it = c.strip_prefix('s')?.splitn(4, ':');
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    Some((
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    ))
 }
 
 fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) = Driver::<usize>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-        .map_err(|e| format!("cannot create the event loop: {e}"))?;
+    let (mut d, waker) =
+        Driver::<usize>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
+            .map_err(|e| format!("cannot create the event loop: {e}"))?;
     w.note(Note::Ready(waker));
     let c = &w.shared.counters;
     let mut members: Vec<Member> = w
         .share(o.receivers)
-        .map(|r| Member { r, key: None, joined: false, ended: false, tracks: Vec::new(), unique: 0, sent: 0, echoed: 0 })
+        .map(|r| Member {
+            r,
+            key: None,
+            joined: false,
+            ended: false,
+            tracks: Vec::new(),
+            unique: 0,
+            sent: 0,
+            echoed: 0,
+        })
         .collect();
-    let senders: Vec<usize> = (0..members.len()).filter(|&i| members[i].r < o.senders).collect();
+    let senders: Vec<usize> = (0..members.len())
+        .filter(|&i| members[i].r < o.senders)
+        .collect();
     let rate = o.rate / w.threads as f64;
     let start = Instant::now();
     let mut share = Share::default();
-    let (mut next_open, mut settled, mut noted_settled, mut noted_done, mut stopping) = (0, 0, false, false, false);
+    let (mut next_open, mut settled, mut noted_settled, mut noted_done, mut stopping) =
+        (0, 0, false, false, false);
     let mut go: Option<Instant> = None;
     let mut expected = 0u64;
     let mut events = Vec::new();
@@ -134,7 +151,8 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
         let now = Instant::now();
         let mut wake = now + MAX_WAIT;
         if !stopping && next_open < members.len() {
-            let due = ((now.duration_since(start).as_secs_f64() * rate) as usize + 1).min(members.len());
+            let due =
+                ((now.duration_since(start).as_secs_f64() * rate) as usize + 1).min(members.len());
             let mut budget = OPEN_BATCH;
             while next_open < due && budget > 0 {
                 let m = &mut members[next_open];
@@ -160,7 +178,9 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
         if let (Some(go_at), false) = (go, stopping) {
             for &i in &senders {
                 let m = &mut members[i];
-                let Some(key) = m.key.filter(|_| m.joined && !m.ended) else { continue };
+                let Some(key) = m.key.filter(|_| m.joined && !m.ended) else {
+                    continue;
+                };
                 while m.sent < o.messages {
                     let t = if o.msg_rate > 0.0 {
                         // Sender s's k-th message is due at (k*S + s)/rate:
@@ -177,7 +197,10 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
                     } else {
                         now
                     };
-                    let text = wire::message_command(&o.room, &content(m.r, m.sent, w.shared.micros(t), o.payload));
+                    let text = wire::message_command(
+                        &o.room,
+                        &content(m.r, m.sent, w.shared.micros(t), o.payload),
+                    );
                     if !d.send_text(key, &text) {
                         break;
                     }
@@ -186,7 +209,9 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
                 }
             }
             if !noted_done {
-                let receivers_done = members.iter().all(|m| m.ended || !m.joined || m.unique >= expected);
+                let receivers_done = members
+                    .iter()
+                    .all(|m| m.ended || !m.joined || m.unique >= expected);
                 let senders_done = senders.iter().all(|&i| {
                     let m = &members[i];
                     m.ended || !m.joined || m.sent >= o.messages
@@ -202,7 +227,8 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
         }
         d.flush();
         let wait = wake.saturating_duration_since(Instant::now());
-        d.turn(Some(wait), &mut events).map_err(|e| format!("poll: {e}"))?;
+        d.turn(Some(wait), &mut events)
+            .map_err(|e| format!("poll: {e}"))?;
         let now = Instant::now();
         let now_us = w.shared.micros(now);
         for (key, event) in events.drain(..) {
@@ -211,7 +237,9 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
             match event {
                 ConnEvent::Open => conn.set_deadline(Some((now + timeout, "welcome"))),
                 ConnEvent::Text(text) => {
-                    let Some(ev) = wire::parse(&text) else { continue };
+                    let Some(ev) = wire::parse(&text) else {
+                        continue;
+                    };
                     match ev.kind.as_ref() {
                         "welcome" => {
                             conn.set_deadline(Some((now + timeout, "joined")));
@@ -233,11 +261,15 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
                         }
                         "message" if ev.room.as_deref() == Some(&o.room) => {
                             let parsed = ev.content.as_deref().and_then(parse_content);
-                            let Some((sid, seq, t)) = parsed.filter(|&(s, q, _)| s < o.senders && q < o.messages) else {
+                            let Some((sid, seq, t)) =
+                                parsed.filter(|&(s, q, _)| s < o.senders && q < o.messages)
+                            else {
                                 share.foreign += 1;
                                 continue;
                             };
-                            let Some(track) = m.tracks.get_mut(sid as usize) else { continue };
+                            let Some(track) = m.tracks.get_mut(sid as usize) else {
+                                continue;
+                            };
                             match track.accept(seq) {
                                 Verdict::Duplicate => {
                                     share.duplicates += 1;
@@ -255,7 +287,10 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
                             c.delivered.fetch_add(1, Relaxed);
                         }
                         "error" => {
-                            wire::bump(&mut share.errors, ev.code.as_deref().unwrap_or("?").to_string());
+                            wire::bump(
+                                &mut share.errors,
+                                ev.code.as_deref().unwrap_or("?").to_string(),
+                            );
                             // A refused message never comes back: count the
                             // refusal as its acknowledgement, or the window
                             // would stay full until --duration-s.
@@ -283,7 +318,12 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
         match w.shared.phase() {
             GO if go.is_none() => {
                 go = Some(w.shared.go_at());
-                let active = w.shared.sender_ok.iter().filter(|ok| ok.load(SeqCst)).count() as u64;
+                let active = w
+                    .shared
+                    .sender_ok
+                    .iter()
+                    .filter(|ok| ok.load(SeqCst))
+                    .count() as u64;
                 expected = active * o.messages;
             }
             STOP if !stopping => {
@@ -338,7 +378,11 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     let setup_s = started.elapsed().as_secs_f64();
     let mut warning = None;
     if let Some(l) = shared.limits.get() {
-        let per_sender = if o.msg_rate > 0.0 { o.msg_rate / o.senders as f64 } else { f64::INFINITY };
+        let per_sender = if o.msg_rate > 0.0 {
+            o.msg_rate / o.senders as f64
+        } else {
+            f64::INFINITY
+        };
         if per_sender > l.rate_per_s && o.messages as f64 > l.rate_burst {
             let w = format!(
                 "each sender sends {} msg/s but the server allows {}/s (burst {}): expect rate_limited errors; \
@@ -382,14 +426,32 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         t.last_delivery = t.last_delivery.max(s.last_delivery);
     }
     let active_senders = shared.sender_ok.iter().filter(|ok| ok.load(SeqCst)).count() as u64;
-    let expected = if ran { t.joined * active_senders * o.messages } else { 0 };
+    let expected = if ran {
+        t.joined * active_senders * o.messages
+    } else {
+        0
+    };
     let failures: u64 = t.failures.values().sum();
     let errors: u64 = t.errors.values().sum();
-    let delivery_s = t.last_delivery.map(|l| l.saturating_duration_since(go_at).as_secs_f64()).unwrap_or(0.0);
-    let per_s = if delivery_s > 0.0 { t.deliveries as f64 / delivery_s } else { 0.0 };
+    let delivery_s = t
+        .last_delivery
+        .map(|l| l.saturating_duration_since(go_at).as_secs_f64())
+        .unwrap_or(0.0);
+    let per_s = if delivery_s > 0.0 {
+        t.deliveries as f64 / delivery_s
+    } else {
+        0.0
+    };
     let cpu = at_done.cpu_since(&at_go);
-    let cpu_us_per_delivery = cpu.filter(|_| t.deliveries > 0).map(|s| s * 1e6 / t.deliveries as f64);
-    let ok = ran && failures == 0 && errors == 0 && t.missing == 0 && t.duplicates == 0 && t.reordered == 0;
+    let cpu_us_per_delivery = cpu
+        .filter(|_| t.deliveries > 0)
+        .map(|s| s * 1e6 / t.deliveries as f64);
+    let ok = ran
+        && failures == 0
+        && errors == 0
+        && t.missing == 0
+        && t.duplicates == 0
+        && t.reordered == 0;
     let json = json!({
         "scenario": "fanout",
         "url": o.url,
@@ -433,23 +495,41 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         o.room,
         o.senders,
         o.messages,
-        if o.msg_rate > 0.0 { format!("{} msg/s", o.msg_rate) } else { format!("window {}", o.window) },
+        if o.msg_rate > 0.0 {
+            format!("{} msg/s", o.msg_rate)
+        } else {
+            format!("window {}", o.window)
+        },
         o.url
     );
     h += &format!("  joined {} in {setup_s:.2} s; sent {}\n", t.joined, t.sent);
-    h += &format!("  deliveries {} of {expected} in {delivery_s:.2} s: {per_s:.0}/s\n", t.deliveries);
+    h += &format!(
+        "  deliveries {} of {expected} in {delivery_s:.2} s: {per_s:.0}/s\n",
+        t.deliveries
+    );
     h += &format!("  latency: {}\n", report::latency_line(&t.latency));
-    h += &format!("  missing {}  duplicates {}  reordered {}  foreign {}\n", t.missing, t.duplicates, t.reordered, t.foreign);
-    h += &format!("  failures: {failures} ({})\n", report::tally_line(&t.failures));
+    h += &format!(
+        "  missing {}  duplicates {}  reordered {}  foreign {}\n",
+        t.missing, t.duplicates, t.reordered, t.foreign
+    );
+    h += &format!(
+        "  failures: {failures} ({})\n",
+        report::tally_line(&t.failures)
+    );
     if errors > 0 {
         h += &format!("  error events: {}\n", report::tally_line(&t.errors));
     }
     if timed_out {
-        h += &format!("  stopped by --duration-s {} before every delivery arrived\n", o.duration_s);
+        h += &format!(
+            "  stopped by --duration-s {} before every delivery arrived\n",
+            o.duration_s
+        );
     }
     h += &format!(
         "  server CPU per delivery: {}\n",
-        report::or_na(cpu_us_per_delivery.map(|x| format!("{x:.2} us ({:.2} s in all)", cpu.unwrap_or(0.0))))
+        report::or_na(
+            cpu_us_per_delivery.map(|x| format!("{x:.2} us ({:.2} s in all)", cpu.unwrap_or(0.0)))
+        )
     );
     Ok(Report { json, human: h, ok })
 }

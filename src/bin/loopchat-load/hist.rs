@@ -23,7 +23,12 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { counts: vec![0; BUCKETS], total: 0, max: 0, sum: 0 }
+        Histogram {
+            counts: vec![0; BUCKETS],
+            total: 0,
+            max: 0,
+            sum: 0,
+        }
     }
 }
 
@@ -120,7 +125,10 @@ mod tests {
         }
         for (q, exact) in [(0.5, 5000.0), (0.9, 9000.0), (0.99, 9900.0)] {
             let got = h.quantile(q) as f64;
-            assert!(got >= exact && got <= exact * (1.0 + 1.0 / SUB as f64), "{q}: {got}");
+            assert!(
+                got >= exact && got <= exact * (1.0 + 1.0 / SUB as f64),
+                "{q}: {got}"
+            );
         }
         assert_eq!(h.quantile(1.0), 10_000);
         let mut other = Histogram::default();

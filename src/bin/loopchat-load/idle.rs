@@ -44,8 +44,9 @@ struct Share {
 
 fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) = Driver::<Peer>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-        .map_err(|e| format!("cannot create the event loop: {e}"))?;
+    let (mut d, waker) =
+        Driver::<Peer>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
+            .map_err(|e| format!("cannot create the event loop: {e}"))?;
     w.note(Note::Ready(waker));
     let mine: Vec<u64> = w.share(o.conns).collect();
     let rate = o.rate / w.threads as f64;
@@ -56,11 +57,17 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     loop {
         let now = Instant::now();
         if !stopping {
-            let due = ((now.duration_since(start).as_secs_f64() * rate) as usize + 1).min(mine.len());
+            let due =
+                ((now.duration_since(start).as_secs_f64() * rate) as usize + 1).min(mine.len());
             let mut budget = OPEN_BATCH;
             while next < due && budget > 0 {
                 let n = mine[next];
-                let params = format!("username={}{n}&room={}-{}", o.user_prefix, o.room, n / o.room_size);
+                let params = format!(
+                    "username={}{n}&room={}-{}",
+                    o.user_prefix,
+                    o.room,
+                    n / o.room_size
+                );
                 if let Err(e) = d.open(&params, Peer { n, welcomed: false }, now) {
                     wire::bump(&mut share.failures, e.label());
                     w.shared.counters.failed.fetch_add(1, Relaxed);
@@ -84,18 +91,23 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
         } else {
             MAX_WAIT
         };
-        d.turn(Some(wait), &mut events).map_err(|e| format!("poll: {e}"))?;
+        d.turn(Some(wait), &mut events)
+            .map_err(|e| format!("poll: {e}"))?;
         let now = Instant::now();
         for (key, event) in events.drain(..) {
             let Some(conn) = d.get(key) else { continue };
             match event {
                 ConnEvent::Open => conn.set_deadline(Some((now + timeout, "welcome"))),
                 ConnEvent::Text(text) => {
-                    let Some(ev) = wire::parse(&text) else { continue };
+                    let Some(ev) = wire::parse(&text) else {
+                        continue;
+                    };
                     if ev.kind == "welcome" && !conn.peer.welcomed {
                         conn.peer.welcomed = true;
                         conn.set_deadline(None);
-                        share.connect.record(now.duration_since(conn.started).as_micros() as u64);
+                        share
+                            .connect
+                            .record(now.duration_since(conn.started).as_micros() as u64);
                         share.opened += 1;
                         settled += 1;
                         w.shared.counters.opened.fetch_add(1, Relaxed);
@@ -103,12 +115,19 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
                             let _ = w.shared.limits.set(l);
                         }
                     } else if ev.kind == "error" {
-                        wire::bump(&mut share.errors, ev.code.as_deref().unwrap_or("?").to_string());
+                        wire::bump(
+                            &mut share.errors,
+                            ev.code.as_deref().unwrap_or("?").to_string(),
+                        );
                     }
                 }
                 ConnEvent::Ended(how) => {
                     if !conn.peer.welcomed {
-                        let why = if stopping { "stopped before welcome".to_string() } else { how.label() };
+                        let why = if stopping {
+                            "stopped before welcome".to_string()
+                        } else {
+                            how.label()
+                        };
                         log::debug!("session {} failed: {why}", conn.peer.n);
                         wire::bump(&mut share.failures, why);
                         w.shared.counters.failed.fetch_add(1, Relaxed);
@@ -177,7 +196,10 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         .rss_growth_kb(&before)
         .filter(|_| total.opened > 0)
         .map(|kb| kb as f64 / total.opened as f64);
-    let hold_cpu = after.cpu_since(&at_open).zip(after.wall_since(&at_open)).filter(|(_, w)| *w > 0.0);
+    let hold_cpu = after
+        .cpu_since(&at_open)
+        .zip(after.wall_since(&at_open))
+        .filter(|(_, w)| *w > 0.0);
     let cpu_pct = hold_cpu.map(|(cpu, wall)| cpu / wall * 100.0);
     let json = json!({
         "scenario": "idle",
@@ -205,10 +227,22 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         },
     });
     let mut human = String::new();
-    human += &format!("idle: {} of {} sessions opened in {open_elapsed:.2} s via {}\n", total.opened, o.conns, o.url);
-    human += &format!("  connect (socket to welcome): {}\n", report::latency_line(&total.connect));
-    human += &format!("  failures: {failures} ({})\n", report::tally_line(&total.failures));
-    human += &format!("  dropped while held: {dropped} ({})\n", report::tally_line(&total.dropped));
+    human += &format!(
+        "idle: {} of {} sessions opened in {open_elapsed:.2} s via {}\n",
+        total.opened, o.conns, o.url
+    );
+    human += &format!(
+        "  connect (socket to welcome): {}\n",
+        report::latency_line(&total.connect)
+    );
+    human += &format!(
+        "  failures: {failures} ({})\n",
+        report::tally_line(&total.failures)
+    );
+    human += &format!(
+        "  dropped while held: {dropped} ({})\n",
+        report::tally_line(&total.dropped)
+    );
     if !total.errors.is_empty() {
         human += &format!("  error events: {}\n", report::tally_line(&total.errors));
     }
@@ -221,12 +255,19 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         fmt_opt(at_open.rss_kb),
         fmt_opt(after.rss_kb)
     );
-    human += &format!("  server RSS per session: {}\n", report::or_na(rss_per_conn.map(|x| format!("{x:.2} kB"))));
+    human += &format!(
+        "  server RSS per session: {}\n",
+        report::or_na(rss_per_conn.map(|x| format!("{x:.2} kB")))
+    );
     human += &format!(
         "  server CPU while idle: {}\n",
         report::or_na(cpu_pct.map(|x| format!("{x:.2} % of one core over the hold")))
     );
-    Ok(Report { json, human, ok: failures == 0 && dropped == 0 })
+    Ok(Report {
+        json,
+        human,
+        ok: failures == 0 && dropped == 0,
+    })
 }
 
 fn fmt_opt(v: Option<u64>) -> String {

@@ -54,7 +54,10 @@ fn run_tag() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{:06x}", (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) & 0xFF_FFFF)
+    format!(
+        "{:06x}",
+        (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) & 0xFF_FFFF
+    )
 }
 
 fn main() -> ExitCode {
@@ -75,7 +78,10 @@ fn main() -> ExitCode {
                 println!("{}", report.json);
             } else {
                 print!("{}", report.human);
-                println!("  verdict: {}", if report.ok { "ok" } else { "PROBLEMS FOUND" });
+                println!(
+                    "  verdict: {}",
+                    if report.ok { "ok" } else { "PROBLEMS FOUND" }
+                );
             }
             if report.ok {
                 ExitCode::SUCCESS
@@ -91,7 +97,8 @@ fn main() -> ExitCode {
 }
 
 fn run(o: &Options) -> Result<report::Report, String> {
-    let limit = net::raise_nofile_limit().map_err(|e| format!("cannot raise the open-file limit: {e}"))?;
+    let limit =
+        net::raise_nofile_limit().map_err(|e| format!("cannot raise the open-file limit: {e}"))?;
     let sessions = match o.scenario {
         Scenario::Idle => o.conns,
         Scenario::Fanout => o.receivers,

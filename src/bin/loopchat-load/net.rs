@@ -34,7 +34,10 @@ impl fmt::Display for TargetError {
             TargetError::NotWs => f.write_str("--url must start with ws:// (no TLS)"),
             TargetError::BadHostPort(h) => write!(f, "--url: bad host or port {h:?}"),
             TargetError::NotLoopback(h) => {
-                write!(f, "--url: {h} is not a loopback address (127.0.0.0/8, ::1, localhost)")
+                write!(
+                    f,
+                    "--url: {h} is not a loopback address (127.0.0.0/8, ::1, localhost)"
+                )
             }
         }
     }
@@ -69,12 +72,18 @@ impl Target {
         let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         } else {
-            host.parse().map_err(|_| TargetError::NotLoopback(host.to_string()))?
+            host.parse()
+                .map_err(|_| TargetError::NotLoopback(host.to_string()))?
         };
         if !ip.is_loopback() {
             return Err(TargetError::NotLoopback(host.to_string()));
         }
-        Ok(Target { addr: SocketAddr::new(ip, port), host: authority.to_string(), path, query })
+        Ok(Target {
+            addr: SocketAddr::new(ip, port),
+            host: authority.to_string(),
+            path,
+            query,
+        })
     }
 
     /// The request target for one session: the URL's path and query plus ours.
@@ -107,7 +116,10 @@ impl SourceAddrs {
     /// targets, as only 127.0.0.0/8 offers spare loopback addresses.
     pub fn new(count: u32, target: &Target, offset: u32) -> SourceAddrs {
         let count = if target.addr.is_ipv4() { count } else { 0 };
-        SourceAddrs { count, next: if count == 0 { 0 } else { offset % count } }
+        SourceAddrs {
+            count,
+            next: if count == 0 { 0 } else { offset % count },
+        }
     }
 
     pub fn next_addr(&mut self) -> Option<Ipv4Addr> {
@@ -117,7 +129,12 @@ impl SourceAddrs {
         let i = self.next;
         self.next = (self.next + 1) % self.count;
         let host = 2 + i; // 127.0.0.1 is usually the server's own address
-        Some(Ipv4Addr::new(127, (host >> 16) as u8, (host >> 8) as u8, host as u8))
+        Some(Ipv4Addr::new(
+            127,
+            (host >> 16) as u8,
+            (host >> 8) as u8,
+            host as u8,
+        ))
     }
 }
 
@@ -125,9 +142,19 @@ impl SourceAddrs {
 /// kernel). Returns at once: completion shows up as the socket becoming
 /// writable, with the outcome in `SO_ERROR` (`TcpStream::take_error`).
 pub fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddr) -> io::Result<mio::net::TcpStream> {
-    let domain = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain syscall; the result is checked before use.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -144,7 +171,11 @@ pub fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddr) -> io::Result<mio::n
         let sa = sockaddr_v4(SocketAddr::new(IpAddr::V4(src), 0));
         // SAFETY: `sa` is a valid sockaddr_in of the size passed.
         let rc = unsafe {
-            libc::bind(socket.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, size_of_val(&sa) as libc::socklen_t)
+            libc::bind(
+                socket.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                size_of_val(&sa) as libc::socklen_t,
+            )
         };
         if rc < 0 {
             return Err(io::Error::last_os_error());
@@ -154,7 +185,13 @@ pub fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddr) -> io::Result<mio::n
         SocketAddr::V4(_) => {
             let sa = sockaddr_v4(dst);
             // SAFETY: as for bind.
-            unsafe { libc::connect(socket.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, size_of_val(&sa) as libc::socklen_t) }
+            unsafe {
+                libc::connect(
+                    socket.as_raw_fd(),
+                    &sa as *const _ as *const libc::sockaddr,
+                    size_of_val(&sa) as libc::socklen_t,
+                )
+            }
         }
         SocketAddr::V6(v6) => {
             // SAFETY: all-zero is a valid sockaddr_in6; fields are set below.
@@ -163,7 +200,13 @@ pub fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddr) -> io::Result<mio::n
             sa.sin6_port = v6.port().to_be();
             sa.sin6_addr.s6_addr = v6.ip().octets();
             // SAFETY: as for bind.
-            unsafe { libc::connect(socket.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, size_of_val(&sa) as libc::socklen_t) }
+            unsafe {
+                libc::connect(
+                    socket.as_raw_fd(),
+                    &sa as *const _ as *const libc::sockaddr,
+                    size_of_val(&sa) as libc::socklen_t,
+                )
+            }
         }
     };
     if rc < 0 {
@@ -190,10 +233,21 @@ fn sockaddr_v4(addr: SocketAddr) -> libc::sockaddr_in {
     sa
 }
 
-fn set_int_opt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn set_int_opt(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` outlives the call and its size is passed.
     let rc = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, name, &value as *const _ as *const libc::c_void, size_of_val(&value) as libc::socklen_t)
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            &value as *const _ as *const libc::c_void,
+            size_of_val(&value) as libc::socklen_t,
+        )
     };
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -208,7 +262,10 @@ fn set_int_opt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc:
 pub fn raise_nofile_limit() -> io::Result<u64> {
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -235,11 +292,24 @@ mod tests {
         assert_eq!(t.request_target("username=a"), "/ws?token=x&username=a");
         assert_eq!(Target::parse("ws://localhost").unwrap().addr.port(), 80);
         assert!(Target::parse("ws://127.9.9.9:1/").is_ok());
-        for bad in ["ws://10.0.0.1:80/ws", "ws://example.com/ws", "ws://[2001:db8::1]:80/"] {
-            assert!(matches!(Target::parse(bad), Err(TargetError::NotLoopback(_))), "{bad}");
+        for bad in [
+            "ws://10.0.0.1:80/ws",
+            "ws://example.com/ws",
+            "ws://[2001:db8::1]:80/",
+        ] {
+            assert!(
+                matches!(Target::parse(bad), Err(TargetError::NotLoopback(_))),
+                "{bad}"
+            );
         }
-        assert_eq!(Target::parse("wss://127.0.0.1/").unwrap_err(), TargetError::NotWs);
-        assert!(matches!(Target::parse("ws://127.0.0.1:x/"), Err(TargetError::BadHostPort(_))));
+        assert_eq!(
+            Target::parse("wss://127.0.0.1/").unwrap_err(),
+            TargetError::NotWs
+        );
+        assert!(matches!(
+            Target::parse("ws://127.0.0.1:x/"),
+            Err(TargetError::BadHostPort(_))
+        ));
     }
 
     #[test]

@@ -31,7 +31,11 @@ impl Sample {
     }
 
     pub fn wall_since(&self, earlier: &Sample) -> Option<f64> {
-        Some(self.at?.saturating_duration_since(earlier.at?).as_secs_f64())
+        Some(
+            self.at?
+                .saturating_duration_since(earlier.at?)
+                .as_secs_f64(),
+        )
     }
 
     pub fn rss_growth_kb(&self, earlier: &Sample) -> Option<i64> {
@@ -49,8 +53,13 @@ pub enum ProbeError {
 impl fmt::Display for ProbeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProbeError::NoProcess(pid) => write!(f, "--pid {pid}: no such process (or /proc/{pid}/stat unreadable)"),
-            ProbeError::NotFound(port) => write!(f, "--pid auto: no process of ours listens on port {port}"),
+            ProbeError::NoProcess(pid) => write!(
+                f,
+                "--pid {pid}: no such process (or /proc/{pid}/stat unreadable)"
+            ),
+            ProbeError::NotFound(port) => {
+                write!(f, "--pid auto: no process of ours listens on port {port}")
+            }
         }
     }
 }
@@ -68,7 +77,12 @@ impl Probe {
     pub fn new(pid: Option<u32>, target: Target) -> Result<Probe, ProbeError> {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        let probe = Probe { pid, target, ticks_per_s: if ticks > 0 { ticks as f64 } else { 100.0 }, stats: true.into() };
+        let probe = Probe {
+            pid,
+            target,
+            ticks_per_s: if ticks > 0 { ticks as f64 } else { 100.0 },
+            stats: true.into(),
+        };
         if let Some(pid) = pid {
             if probe.proc_cpu(pid).is_none() {
                 return Err(ProbeError::NoProcess(pid));
@@ -82,7 +96,10 @@ impl Probe {
     }
 
     pub fn sample(&self) -> Sample {
-        let mut s = Sample { at: Some(Instant::now()), ..Sample::default() };
+        let mut s = Sample {
+            at: Some(Instant::now()),
+            ..Sample::default()
+        };
         if let Some(pid) = self.pid {
             s.rss_kb = proc_rss_kb(pid);
             s.cpu_s = self.proc_cpu(pid);
@@ -92,9 +109,14 @@ impl Probe {
                 Some(stats) => {
                     s.connections = stats.get("connections").and_then(|v| v.as_u64());
                     // A server may report its own memory and CPU; /proc wins.
-                    let rss = stats.get("rss_bytes").and_then(|v| v.as_u64()).map(|b| b / 1024);
+                    let rss = stats
+                        .get("rss_bytes")
+                        .and_then(|v| v.as_u64())
+                        .map(|b| b / 1024);
                     s.rss_kb = s.rss_kb.or(rss);
-                    s.cpu_s = s.cpu_s.or(stats.get("cpu_seconds").and_then(|v| v.as_f64()));
+                    s.cpu_s = s
+                        .cpu_s
+                        .or(stats.get("cpu_seconds").and_then(|v| v.as_f64()));
                 }
                 None => self.stats.set(false),
             }
@@ -125,13 +147,18 @@ fn fetch_stats(target: &Target) -> Option<serde_json::Map<String, serde_json::Va
     let mut stream = TcpStream::connect_timeout(&target.addr, STATS_TIMEOUT).ok()?;
     stream.set_read_timeout(Some(STATS_TIMEOUT)).ok()?;
     stream.set_write_timeout(Some(STATS_TIMEOUT)).ok()?;
-    let request = format!("GET /stats HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", target.http_host());
+    let request = format!(
+        "GET /stats HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        target.http_host()
+    );
     stream.write_all(request.as_bytes()).ok()?;
     let mut answer = Vec::new();
     stream.take(1 << 20).read_to_end(&mut answer).ok()?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut head = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(body_at) = head.parse(&answer).ok()? else { return None };
+    let httparse::Status::Complete(body_at) = head.parse(&answer).ok()? else {
+        return None;
+    };
     if head.code != Some(200) {
         return None;
     }
@@ -148,12 +175,18 @@ pub fn find_listener(target: &Target) -> Result<u32, ProbeError> {
     let not_found = ProbeError::NotFound(port);
     let mut inodes = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             // local_address is HEX_IP:HEX_PORT; state 0A is LISTEN.
-            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
-            let Some((_, p)) = local.rsplit_once(':') else { continue };
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let Some((_, p)) = local.rsplit_once(':') else {
+                continue;
+            };
             if *state == "0A" && u16::from_str_radix(p, 16) == Ok(port) {
                 inodes.push(format!("socket:[{inode}]"));
             }
@@ -164,8 +197,16 @@ pub fn find_listener(target: &Target) -> Result<u32, ProbeError> {
     }
     let procs = std::fs::read_dir("/proc").map_err(|_| ProbeError::NotFound(port))?;
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if let Ok(link) = std::fs::read_link(fd.path()) {
                 if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {

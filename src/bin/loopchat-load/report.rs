@@ -53,7 +53,10 @@ pub fn tally_line(t: &Tally) -> String {
     if t.is_empty() {
         return "none".into();
     }
-    t.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+    t.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `Some(x)` as text with `unit`, `None` as "n/a (needs --pid)".

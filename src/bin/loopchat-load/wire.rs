@@ -35,7 +35,10 @@ pub struct WireLimits {
 
 impl WireLimits {
     pub fn limits(&self) -> Option<Limits> {
-        Some(Limits { rate_per_s: self.rate_per_s?, rate_burst: self.rate_burst? })
+        Some(Limits {
+            rate_per_s: self.rate_per_s?,
+            rate_burst: self.rate_burst?,
+        })
     }
 }
 
@@ -53,7 +56,10 @@ pub fn message_command(room: &str, content: &str) -> String {
 
 /// The username/room rule of PROTOCOL.md §2: 1–32 of `[A-Za-z0-9_.-]`.
 pub fn valid_name(name: &str) -> bool {
-    (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 /// Counts per reason ("http 409": 3, "timeout joined": 1, …).
@@ -87,9 +93,15 @@ mod tests {
 
     #[test]
     fn the_message_command_is_valid_json() {
-        let v: serde_json::Value = serde_json::from_str(&message_command("r-1", "s1:2:3:xx")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&message_command("r-1", "s1:2:3:xx")).unwrap();
         assert_eq!(v["type"], "message");
         assert_eq!(v["content"], "s1:2:3:xx");
-        assert!(valid_name("ld-ab12-3") && !valid_name("") && !valid_name("a b") && !valid_name(&"x".repeat(33)));
+        assert!(
+            valid_name("ld-ab12-3")
+                && !valid_name("")
+                && !valid_name("a b")
+                && !valid_name(&"x".repeat(33))
+        );
     }
 }

@@ -230,7 +230,9 @@ fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, WsError> {
     if opcode == OP_BINARY {
         return Ok(Incoming::Binary(payload.len()));
     }
-    String::from_utf8(payload).map(Incoming::Text).map_err(|_| WsError::BadUtf8)
+    String::from_utf8(payload)
+        .map(Incoming::Text)
+        .map_err(|_| WsError::BadUtf8)
 }
 
 #[cfg(test)]
@@ -256,7 +258,11 @@ mod tests {
         encode_frame(&mut out, OP_TEXT, &payload, [1, 2, 3, 4]);
         assert_eq!(&out[..4], &[0x81, 0x80 | 126, 1, 44]);
         assert_eq!(&out[4..8], &[1, 2, 3, 4]);
-        let unmasked: Vec<u8> = out[8..].iter().enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i & 3]).collect();
+        let unmasked: Vec<u8> = out[8..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ [1, 2, 3, 4][i & 3])
+            .collect();
         assert_eq!(unmasked, payload);
     }
 
@@ -269,16 +275,28 @@ mod tests {
         assert_eq!(n, text.len());
         assert_eq!(m, Some(Incoming::Text("{\"type\":\"welcome\"}".into())));
         let ping = server_frame(0x89, b"hb");
-        assert_eq!(d.decode(&ping).unwrap().unwrap().1, Some(Incoming::Ping(b"hb".to_vec())));
+        assert_eq!(
+            d.decode(&ping).unwrap().unwrap().1,
+            Some(Incoming::Ping(b"hb".to_vec()))
+        );
         let close = server_frame(0x88, &close_payload(1001, "bye"));
-        assert_eq!(d.decode(&close).unwrap().unwrap().1, Some(Incoming::Close(Some(1001))));
+        assert_eq!(
+            d.decode(&close).unwrap().unwrap().1,
+            Some(Incoming::Close(Some(1001)))
+        );
     }
 
     #[test]
     fn reassembles_fragments_around_a_control_frame() {
         let mut d = Decoder::default();
-        assert_eq!(d.decode(&server_frame(0x01, b"hel")).unwrap().unwrap().1, None);
-        assert_eq!(d.decode(&server_frame(0x89, b"")).unwrap().unwrap().1, Some(Incoming::Ping(vec![])));
+        assert_eq!(
+            d.decode(&server_frame(0x01, b"hel")).unwrap().unwrap().1,
+            None
+        );
+        assert_eq!(
+            d.decode(&server_frame(0x89, b"")).unwrap().unwrap().1,
+            Some(Incoming::Ping(vec![]))
+        );
         let last = d.decode(&server_frame(0x80, b"lo")).unwrap().unwrap().1;
         assert_eq!(last, Some(Incoming::Text("hello".into())));
     }
@@ -286,16 +304,26 @@ mod tests {
     #[test]
     fn rejects_what_a_server_must_not_send() {
         let mut d = Decoder::default();
-        assert!(matches!(d.decode(&[0x81, 0x81, 0, 0, 0, 0, b'x']), Err(WsError::Framing(_))));
+        assert!(matches!(
+            d.decode(&[0x81, 0x81, 0, 0, 0, 0, b'x']),
+            Err(WsError::Framing(_))
+        ));
         assert!(matches!(d.decode(&[0xC1, 0x00]), Err(WsError::Framing(_))));
-        assert!(matches!(d.decode(&server_frame(0x81, &[0xff, 0xfe])), Err(WsError::BadUtf8)));
-        assert!(matches!(d.decode(&server_frame(0x80, b"x")), Err(WsError::Framing(_))));
+        assert!(matches!(
+            d.decode(&server_frame(0x81, &[0xff, 0xfe])),
+            Err(WsError::BadUtf8)
+        ));
+        assert!(matches!(
+            d.decode(&server_frame(0x80, b"x")),
+            Err(WsError::Framing(_))
+        ));
     }
 
     #[test]
     fn answer_must_be_101_with_the_derived_accept() {
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
-        let good = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        let good =
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
         assert_eq!(parse_answer(&good[..20], key), Ok(None));
         assert_eq!(parse_answer(good, key), Ok(Some(good.len() - 2)));
