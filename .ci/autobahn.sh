@@ -48,7 +48,8 @@ PARALLELISM=${AUTOBAHN_PARALLELISM:-1}
 #   --max-outbox-bytes 64 MiB: a 16 MiB echo must not be dropped as a slow
 #     consumer while the fuzzer is still sending;
 #   --rate-per-s/--rate-burst 100000: 9.7.x/9.8.x send 1000 messages
-#     back to back, the chat rate limiter would close with 1008;
+#     back to back; /echo bypasses the dispatcher and its rate limiter
+#     today, and these values keep the run independent of that choice;
 #   --heartbeat-ms 600000: the fuzzer answers pings, but a ping the case
 #     did not expect would show up in its received events;
 #   --no-persist: /echo stores nothing, and CI should leave no data dir.

@@ -96,31 +96,39 @@ fn main() {
         let mut out = Outbound::default();
         let mut mono = 0;
         let n = 2000u64;
-        measure(&format!("dispatch broadcast, {members} members (per msg)"), n, || {
-            for _ in 0..n {
-                mono += 1;
-                let now = Clock {
-                    mono_ms: mono,
-                    unix_ms: 1_700_000_000_000 + mono,
-                };
-                d.handle_text(0, &text, now, &mut out);
-                black_box(&out.sends);
-                out.sends.clear();
-            }
-        });
+        measure(
+            &format!("dispatch broadcast, {members} members (per msg)"),
+            n,
+            || {
+                for _ in 0..n {
+                    mono += 1;
+                    let now = Clock {
+                        mono_ms: mono,
+                        unix_ms: 1_700_000_000_000 + mono,
+                    };
+                    d.handle_text(0, &text, now, &mut out);
+                    black_box(&out.sends);
+                    out.sends.clear();
+                }
+            },
+        );
         let per_delivery = n * members as u64;
-        measure(&format!("dispatch broadcast, {members} members (per delivery)"), per_delivery, || {
-            for _ in 0..n {
-                mono += 1;
-                let now = Clock {
-                    mono_ms: mono,
-                    unix_ms: 1_700_000_000_000 + mono,
-                };
-                d.handle_text(0, &text, now, &mut out);
-                black_box(&out.sends);
-                out.sends.clear();
-            }
-        });
+        measure(
+            &format!("dispatch broadcast, {members} members (per delivery)"),
+            per_delivery,
+            || {
+                for _ in 0..n {
+                    mono += 1;
+                    let now = Clock {
+                        mono_ms: mono,
+                        unix_ms: 1_700_000_000_000 + mono,
+                    };
+                    d.handle_text(0, &text, now, &mut out);
+                    black_box(&out.sends);
+                    out.sends.clear();
+                }
+            },
+        );
     }
 
     let n = 100_000u64;
@@ -148,14 +156,18 @@ fn main() {
     let mut sink = Sink(0);
     let batch = 16u64;
     let rounds = 20_000u64;
-    measure("outbox: queue 16 frames + one writev (per frame)", batch * rounds, || {
-        let mut o = Outbox::new();
-        for _ in 0..rounds {
-            for _ in 0..batch {
-                o.push(frame.clone());
+    measure(
+        "outbox: queue 16 frames + one writev (per frame)",
+        batch * rounds,
+        || {
+            let mut o = Outbox::new();
+            for _ in 0..rounds {
+                for _ in 0..batch {
+                    o.push(frame.clone());
+                }
+                o.write_to(&mut sink).expect("sink");
             }
-            o.write_to(&mut sink).expect("sink");
-        }
-    });
+        },
+    );
     black_box(sink.0);
 }

@@ -85,7 +85,7 @@ const RESERVATION_FILE: &str = "ids";
 /// Held with `flock` while a process has the data dir open.
 const LOCK_FILE: &str = "LOCK";
 
-/// When a reservation is extended: `--fsync` decides whether the loop waits
+/// `--fsync`: when appended records are synced, i.e. whether the loop waits
 /// for a message's record to reach the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Fsync {
@@ -1070,6 +1070,7 @@ impl History for DiskHistory {
                     self.rooms.insert(room.into(), r);
                 }
                 Err(e) => {
+                    self.append_errors += 1;
                     self.failing = true;
                     return Err(e.into());
                 }
@@ -1091,6 +1092,7 @@ impl History for DiskHistory {
                 Ok(id)
             }
             Err(e) => {
+                self.append_errors += 1;
                 self.failing = true;
                 Err(e.into())
             }

@@ -4,12 +4,15 @@
 //! the in-memory ring ([`memory::MemoryHistory`]), the on-disk log and, later,
 //! a shared broker can be swapped without touching the loop or the room
 //! tables. The trait is synchronous and called on the loop thread: an
-//! implementation may append to a file (page cache), but must never block on
-//! a sync outside [`History::commit`].
+//! implementation may append to a file (page cache), but must never wait on
+//! the periodic sync; the only syncs on the loop are the group commit in
+//! [`History::commit`] (`--fsync always`) and a few small, bounded ones when
+//! a room's files are first created or an id block is reserved.
 //!
 //! This module owns the message record ([`Kept`]) and the contract; it does
 //! not own rooms, members or sockets.
 
+pub mod disk;
 pub mod memory;
 
 use std::fmt;
@@ -108,12 +111,24 @@ pub trait History {
     }
 }
 
-/// Open the history the configuration asks for (`--data-dir`, `--fsync`,
-/// `--retain-messages`); `--no-persist` is handled by the caller.
+/// Open the on-disk history the configuration asks for (`--data-dir`,
+/// `--fsync`, `--retain-messages`); `--no-persist` is the caller's
+/// [`memory::MemoryHistory`]. The error is one line for the operator.
 pub fn open(config: &crate::config::Config) -> Result<Box<dyn History>, String> {
-    log::warn!(
-        "on-disk history is not available yet; keeping history in memory (data dir {} unused)",
-        config.data_dir.display()
-    );
-    Ok(Box::new(memory::MemoryHistory::new(config.history_keep)))
+    use crate::config::Fsync as Mode;
+    let fsync = match config.fsync {
+        Mode::Always => disk::Fsync::Always,
+        Mode::Everysec => disk::Fsync::Everysec,
+        Mode::Never => disk::Fsync::Never,
+    };
+    let opts = disk::DiskOptions {
+        dir: config.data_dir.clone(),
+        fsync,
+        retain: config.retain_messages,
+        keep: config.history_keep,
+    };
+    match disk::DiskHistory::open(&opts) {
+        Ok(history) => Ok(Box::new(history)),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -213,7 +213,9 @@ function rawClient({ username, room, messages = [], rate = 10 }) {
       const ref = `r${i}`;
       for (;;) {
         ws.send(JSON.stringify({ type: 'message', room, content: messages[i], ref }));
-        const ev = await next((e) => e.ref === ref, `echo of ${ref}`);
+        // Sent one at a time, so an error without a ref is about this one too
+        // (a server may check the rate before it reads the command's ref).
+        const ev = await next((e) => e.ref === ref || (e.type === 'error' && e.ref === undefined), `echo of ${ref}`);
         if (ev.type === 'message') { sentIds.push(ev.id); break; }
         if (ev.code !== 'rate_limited') throw new Error(`raw client: ${JSON.stringify(ev)}`);
         // The server's token bucket refills at `rate` per second: wait one token.
@@ -223,7 +225,8 @@ function rawClient({ username, room, messages = [], rate = 10 }) {
     let hist;
     for (;;) {
       ws.send(JSON.stringify({ type: 'history', room, limit: 500, ref: 'h' }));
-      hist = await next((e) => (e.type === 'history' && e.room === room) || e.ref === 'h', 'history');
+      hist = await next((e) => (e.type === 'history' && e.room === room) || e.ref === 'h'
+        || (e.type === 'error' && e.ref === undefined), 'history');
       if (hist.type === 'history') break;
       if (hist.code !== 'rate_limited') throw new Error(`raw client: ${JSON.stringify(hist)}`);
       await new Promise((r) => setTimeout(r, Math.ceil(1000 / rate)));
@@ -265,9 +268,36 @@ after(async () => {
   rmSync(tmp, { recursive: true, force: true });
 });
 
+/**
+ * A test whose failure leaves evidence: screenshots of both pages
+ * (FAILED-*.png), what each page shows, and the end of the server's log.
+ */
+function step(name, fn) {
+  test(name, async (t) => {
+    try {
+      await fn(t);
+    } catch (err) {
+      const n = name.replace(/[^a-z0-9]+/gi, '-').slice(0, 40);
+      for (const [who, page] of [['alice', alice], ['bob', bob]]) {
+        if (!page || page.isClosed()) continue;
+        await shot(page, `FAILED-${n}-${who}`).catch(() => {});
+        const seen = await page.evaluate(() => ({
+          status: document.getElementById('status').textContent,
+          view: document.getElementById('room-title').textContent,
+          lines: [...document.querySelectorAll('#messages li')].map((li) =>
+            `${li.dataset.id ? `#${li.dataset.id} ` : ''}${li.textContent}`),
+        })).catch((e) => `(page unreadable: ${e.message})`);
+        t.diagnostic(`${who}: ${JSON.stringify(seen)}`);
+      }
+      if (server) t.diagnostic(`server log (last 30 lines):\n${server.log.slice(-30).join('\n')}`);
+      throw err;
+    }
+  });
+}
+
 // ---- the tests --------------------------------------------------------------
 
-test('the server serves the page at / and two users connect', async () => {
+step('the server serves the page at / and two users connect', async () => {
   alice = await newPage();
   bob = await newPage({ phone: true });
   raw = await newPage();
@@ -281,7 +311,7 @@ test('the server serves the page at / and two users connect', async () => {
   await shot(alice, '01-alice-joined');
 });
 
-test('a message each way', async () => {
+step('a message each way', async () => {
   await sendMessage(alice, 'hello bob, from alice');
   await waitForMessage(bob, 'hello bob, from alice');
   await sendMessage(bob, 'hi alice — bob here (on a phone)');
@@ -291,7 +321,7 @@ test('a message each way', async () => {
   await shot(bob, '02-chat-bob-phone');
 });
 
-test('user content is shown as text, never as HTML (XSS)', async () => {
+step('user content is shown as text, never as HTML (XSS)', async () => {
   await sendMessage(alice, XSS);
   await waitForMessage(bob, XSS);
   await waitForMessage(alice, XSS);
@@ -304,7 +334,7 @@ test('user content is shown as text, never as HTML (XSS)', async () => {
   await shot(bob, '03-xss-bob-phone');
 });
 
-test('a direct message reaches only its recipient, shown in the Direct view', async () => {
+step('a direct message reaches only its recipient, shown in the Direct view', async () => {
   await alice.fill('#dm-to', 'bob');
   await sendMessage(alice, 'psst, just for you');
   // bob gets an unread badge on "Direct messages", opens it and reads it.
@@ -319,7 +349,7 @@ test('a direct message reaches only its recipient, shown in the Direct view', as
   await alice.click('#dm-clear');
 });
 
-test('a taken name is explained on the login form', async () => {
+step('a taken name is explained on the login form', async () => {
   const third = await newPage();
   await third.goto(url());
   await third.fill('#username', 'alice');
@@ -331,7 +361,7 @@ test('a taken name is explained on the login form', async () => {
   await third.context().close();
 });
 
-test('an error event is shown as a readable message (too_long)', async () => {
+step('an error event is shown as a readable message (too_long)', async () => {
   const limits = await limitsOf(alice);
   assert.ok(limits && limits.max_content_bytes > 0, `welcome.limits: ${JSON.stringify(limits)}`);
   const long = 'x'.repeat(limits.max_content_bytes + 1);
@@ -345,7 +375,7 @@ test('an error event is shown as a readable message (too_long)', async () => {
   await alice.click('#errors-close');
 });
 
-test('after a server restart the pages reconnect and resume: no gap, no duplicate', async () => {
+step('after a server restart the pages reconnect and resume: no gap, no duplicate', async () => {
   const port = server.port;
   // Hold the pages offline so that messages are certainly sent while they are
   // away; the page reconnects itself once the browser is back online.
@@ -391,7 +421,7 @@ test('after a server restart the pages reconnect and resume: no gap, no duplicat
   await shot(bob, '08-resumed-bob-phone');
 });
 
-test('joining a room shows its backlog and "Load older" pages further back', async (t) => {
+step('joining a room shows its backlog and "Load older" pages further back', async (t) => {
   const limits = await limitsOf(alice);
   const backlog = limits.history_limit;
   if (!(backlog > 0 && backlog <= 300)) {
@@ -400,6 +430,12 @@ test('joining a room shows its backlog and "Load older" pages further back', asy
   }
   const total = backlog + 12;
   const lines = Array.from({ length: total }, (_, i) => `paging line ${i + 1}`);
+  // bob joins first (through the phone drawer) and stays, so the room is
+  // never empty (a server may drop an empty room); he sees the lines live.
+  await bob.click('#menu');
+  await bob.fill('#join-room', 'paging');
+  await bob.click('#join');
+  await bob.locator('#room-title', { hasText: '#paging' }).waitFor();
   const filler = await rawClient({ username: 'filler', room: 'paging', messages: lines, rate: limits.rate_per_s || 10 });
   assert.equal(filler.sentIds.length, total);
 
@@ -428,9 +464,12 @@ test('joining a room shows its backlog and "Load older" pages further back', asy
   // The room list shows both rooms with member counts.
   await alice.locator('#rooms li[data-room="paging"][data-joined="true"]').waitFor();
   await alice.locator('#rooms li[data-room="default"] .count').waitFor();
+  await waitForMessage(bob, `paging line ${total}`);
+  assertStrictlyIncreasing(await shownIds(bob), 'bob #paging');
+  await inSidebar(bob, '#rooms li[data-room="default"] .name');
 });
 
-test('the phone layout opens the rooms drawer', async () => {
+step('the phone layout opens the rooms drawer', async () => {
   await bob.click('#menu');
   await bob.locator('aside').waitFor();
   await bob.click('#rooms-refresh');

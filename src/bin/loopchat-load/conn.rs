@@ -18,6 +18,12 @@ use crate::ws::{self, Decoder, Incoming, WsError};
 /// How long we wait for the server's close frame (or EOF) after sending ours.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
+/// After the close handshake, how long we wait for the server to close the
+/// TCP connection first. RFC 6455 §7.1.1 wants the server to close first so
+/// TIME_WAIT lands on its side, not on the client's ephemeral ports — which
+/// churn would otherwise exhaust.
+const FIN_WAIT: Duration = Duration::from_secs(1);
+
 /// Write buffers above this are shrunk back once drained, so a burst (a big
 /// history, a fast sender) does not pin memory in each of thousands of idle
 /// connections.
@@ -129,6 +135,8 @@ pub struct Conn<P> {
     /// When `socket()` was called; connect times are measured from here.
     pub started: Instant,
     deadline: Option<(Instant, &'static str)>,
+    /// The close handshake is complete; only the server's FIN is awaited.
+    close_done: bool,
     mask_state: u32,
     pub(crate) dirty: bool,
 }
@@ -158,6 +166,7 @@ impl<P> Conn<P> {
             decoder: Decoder::default(),
             started: now,
             deadline: Some((now + timeout, "connect")),
+            close_done: false,
             mask_state: seed | 1,
             dirty: false,
         }
@@ -244,7 +253,8 @@ impl<P> Conn<P> {
                         Some(Incoming::Ping(payload)) => self.queue(ws::OP_PONG, &payload),
                         Some(Incoming::Close(code)) => {
                             if self.phase == Phase::Closing {
-                                self.end(Ended::Clean, out);
+                                self.close_done = true;
+                                self.deadline = Some((Instant::now() + FIN_WAIT, "server FIN"));
                             } else {
                                 // Echo the code as §5.5.1 asks, best effort.
                                 self.queue(
@@ -339,6 +349,7 @@ impl<P> Conn<P> {
     /// Fails the connection if its timer ran out.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<ConnEvent>) {
         match self.deadline {
+            Some((at, _)) if at <= now && self.close_done => self.end(Ended::Clean, out),
             Some((at, what)) if at <= now && self.phase != Phase::Ended => {
                 self.fail(ConnError::Timeout(what), out)
             }

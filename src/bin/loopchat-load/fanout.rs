@@ -447,6 +447,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         .filter(|_| t.deliveries > 0)
         .map(|s| s * 1e6 / t.deliveries as f64);
     let ok = ran
+        && !timed_out
         && failures == 0
         && errors == 0
         && t.missing == 0

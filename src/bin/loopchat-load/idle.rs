@@ -266,7 +266,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     Ok(Report {
         json,
         human,
-        ok: failures == 0 && dropped == 0,
+        ok: failures == 0 && dropped == 0 && total.opened == o.conns,
     })
 }
 
