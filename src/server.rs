@@ -112,6 +112,9 @@ enum End {
     Clean,
     Fail(u16, &'static str),
     Gone,
+    /// Replies the peer does not read (pongs to a ping flood, echoes)
+    /// pushed its outbox over the bound.
+    Overflow,
 }
 
 /// The server: the poll, the slab of connections, the dispatcher.
@@ -772,6 +775,7 @@ impl Server {
             Phase::Closing(ws) => (ws, true),
             _ => return,
         };
+        let limit = self.config.max_outbox_bytes;
         let mut end = None;
         let mut budget = READ_BUDGET;
         loop {
@@ -780,6 +784,14 @@ impl Server {
                 break;
             }
             budget -= 1;
+            // What tungstenite writes itself (pongs, close replies, echoes)
+            // lands in the outbox without passing `deliver`, so the bound
+            // is checked here too: a client that pings without reading is
+            // a slow consumer like any other.
+            if ws.get_ref().outbox.queued() > limit {
+                end = Some(End::Overflow);
+                break;
+            }
             match conn::next_message(ws) {
                 Inbound::Text(text) => {
                     conn.last_seen_ms = clock.mono_ms;
@@ -851,6 +863,7 @@ impl Server {
                 self.close_with(key, code, reason, false);
             }
             Some(End::Gone) => self.abort(key),
+            Some(End::Overflow) => self.drop_slow_consumer(key),
         }
     }
 
@@ -938,14 +951,22 @@ impl Server {
             return;
         };
         if !wire.outbox.admits(frame.len(), limit) {
-            let freed = wire.outbox.discard_unstarted();
-            log::info!("conn #{to}: slow consumer ({freed} bytes unsent), closing with 1008");
-            self.counters.slow_consumer_drops += 1;
-            self.close_with(to, 1008, "slow consumer", true);
-            return;
+            return self.drop_slow_consumer(to);
         }
         wire.outbox.push(frame);
         self.mark_dirty(to);
+    }
+
+    /// The slow-consumer policy (see `outbox.rs`): free the unsent
+    /// output, say 1008 if the socket takes it, and close.
+    fn drop_slow_consumer(&mut self, key: usize) {
+        let Some(wire) = self.conns.get_mut(key).and_then(Conn::wire) else {
+            return;
+        };
+        let freed = wire.outbox.discard_unstarted();
+        log::info!("conn #{key}: slow consumer ({freed} bytes unsent), closing with 1008");
+        self.counters.slow_consumer_drops += 1;
+        self.close_with(key, 1008, "slow consumer", true);
     }
 
     /// Write every dirty connection's outbox once, until it is empty or the

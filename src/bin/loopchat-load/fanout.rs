@@ -31,6 +31,18 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 /// Delay between the main thread's go and the first due message, so every
 /// loop sees the phase change before its first message is late.
 const GO_LEAD: Duration = Duration::from_millis(5);
+/// A run in which nothing is sent, delivered or lost for this long (or five
+/// message intervals, if longer) has stalled: what is missing will not come.
+const STALL_AFTER: Duration = Duration::from_secs(5);
+
+fn patience_note(o: &Options) -> f64 {
+    let paced = if o.msg_rate > 0.0 {
+        5.0 / o.msg_rate
+    } else {
+        0.0
+    };
+    STALL_AFTER.as_secs_f64().max(paced)
+}
 
 /// One receiver's view of one sender's stream.
 #[derive(Clone, Default)]
@@ -176,7 +188,12 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
             w.note(Note::Settled);
         }
         if let (Some(go_at), false) = (go, stopping) {
-            for &i in &senders {
+            // Window mode waits for go_at too: deliveries/s is measured from it.
+            let senders_now: &[usize] = if now >= go_at { &senders } else { &[] };
+            if now < go_at {
+                wake = wake.min(go_at);
+            }
+            for &i in senders_now {
                 let m = &mut members[i];
                 let Some(key) = m.key.filter(|_| m.joined && !m.ended) else {
                     continue;
@@ -384,12 +401,15 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
             f64::INFINITY
         };
         if per_sender > l.rate_per_s && o.messages as f64 > l.rate_burst {
+            let pace = if per_sender.is_finite() {
+                format!("{per_sender:.1} msg/s")
+            } else {
+                "as fast as its window allows".into()
+            };
             let w = format!(
-                "each sender sends {} msg/s but the server allows {}/s (burst {}): expect rate_limited errors; \
-                 start the server with higher --rate-per-s/--rate-burst",
-                if per_sender.is_finite() { format!("{per_sender:.1}") } else { "unpaced".into() },
-                l.rate_per_s,
-                l.rate_burst
+                "each sender sends {pace} but the server allows {}/s (burst {}): expect \
+                 rate_limited errors; raise the server's --rate-per-s and --rate-burst",
+                l.rate_per_s, l.rate_burst
             );
             progress.clear();
             eprintln!("loopchat-load: warning: {w}");
@@ -398,16 +418,30 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     }
     let at_go = probe.sample();
     let go_at = Instant::now() + GO_LEAD;
-    let mut ran = false;
+    let (mut ran, mut stalled) = (false, false);
     if crew.settled == crew.threads && Instant::now() < deadline {
         ran = true;
         crew.go(go_at);
+        // Messages refused or lost with a dropped sender never arrive;
+        // rather than wait for --duration-s, stop once nothing has moved
+        // for longer than the pacing could explain.
+        let patience = Duration::from_secs_f64(patience_note(o));
+        let mut moved = (0, Instant::now());
         while crew.done < crew.threads && Instant::now() < deadline {
-            crew.wait(progress.next_due().min(deadline))?;
+            let until = progress.next_due().min(deadline).min(moved.1 + patience);
+            crew.wait(until)?;
             progress.tick(line);
+            let now = Instant::now();
+            let count = c.sent.load(Relaxed) + c.delivered.load(Relaxed) + c.failed.load(Relaxed);
+            if count != moved.0 {
+                moved = (count, now);
+            } else if now >= moved.1 + patience {
+                stalled = true;
+                break;
+            }
         }
     }
-    let timed_out = crew.done < crew.threads;
+    let timed_out = crew.done < crew.threads && !stalled;
     let at_done = probe.sample();
     progress.clear();
     let mut t = Share::default();
@@ -448,6 +482,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         .map(|s| s * 1e6 / t.deliveries as f64);
     let ok = ran
         && !timed_out
+        && !stalled
         && failures == 0
         && errors == 0
         && t.missing == 0
@@ -476,6 +511,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         "failure_reasons": report::tally_json(&t.failures),
         "errors": report::tally_json(&t.errors),
         "timed_out": timed_out,
+        "stalled": stalled,
         "setup_s": report::round(setup_s, 3),
         "delivery_s": report::round(delivery_s, 3),
         "deliveries_per_s": report::round(per_s, 1),
@@ -519,6 +555,12 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     );
     if errors > 0 {
         h += &format!("  error events: {}\n", report::tally_line(&t.errors));
+    }
+    if stalled {
+        h += &format!(
+            "  stopped: nothing sent or delivered for {:.1} s\n",
+            patience_note(o)
+        );
     }
     if timed_out {
         h += &format!(
