@@ -13,39 +13,9 @@ use std::path::PathBuf;
 
 use tungstenite::protocol::WebSocketConfig;
 
-/// How durable a message must be before it is released (`--fsync`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fsync {
-    /// Sync before any recipient sees the message (group commit per loop
-    /// iteration).
-    Always,
-    /// A helper thread syncs once a second: at most ~1 s lost on power cut.
-    Everysec,
-    /// Leave it to the OS.
-    Never,
-}
-
-impl std::str::FromStr for Fsync {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "always" => Ok(Fsync::Always),
-            "everysec" => Ok(Fsync::Everysec),
-            "never" => Ok(Fsync::Never),
-            _ => Err(format!("expected always, everysec or never, got {s:?}")),
-        }
-    }
-}
-
-impl fmt::Display for Fsync {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Fsync::Always => "always",
-            Fsync::Everysec => "everysec",
-            Fsync::Never => "never",
-        })
-    }
-}
+/// How durable a message must be before it is released (`--fsync`); owned
+/// by the store, which is what it configures.
+pub use crate::store::disk::Fsync;
 
 /// The whole configuration. `Config::default()` is the embedded default.
 #[derive(Debug, Clone)]

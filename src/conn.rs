@@ -166,6 +166,8 @@ pub struct Conn {
     pub pinged: bool,
     /// Holds a dispatcher membership (name claimed) that must be released.
     pub member: bool,
+    /// The WebSocket session opened and its end is not yet counted.
+    pub session_open: bool,
     /// Queued in the server's flush list for this iteration.
     pub dirty: bool,
     /// Marked for removal after the current event batch.
@@ -190,6 +192,7 @@ impl Conn {
             last_seen_ms: now_ms,
             pinged: false,
             member: false,
+            session_open: false,
             dirty: false,
             doomed: false,
             close_when_flushed: false,

@@ -226,7 +226,7 @@ impl Dispatcher {
 
     /// One text frame from `key`.
     pub fn handle_text(&mut self, key: ConnKey, text: &str, now: Clock, out: &mut Outbound) {
-        if !self.admit_command(key, now, out) {
+        if !self.admit_command(key, now, Some(text), out) {
             return;
         }
         let (command, reference) = match protocol::decode(text) {
@@ -263,7 +263,7 @@ impl Dispatcher {
 
     /// One binary frame from `key`: chat is text only.
     pub fn handle_binary(&mut self, key: ConnKey, now: Clock, out: &mut Outbound) {
-        if self.admit_command(key, now, out) {
+        if self.admit_command(key, now, None, out) {
             self.error(
                 key,
                 ErrorCode::BinaryUnsupported,
@@ -296,23 +296,45 @@ impl Dispatcher {
     // ---- commands -------------------------------------------------------
 
     /// Rate-limit one command. False when it must not be handled.
-    fn admit_command(&mut self, key: ConnKey, now: Clock, out: &mut Outbound) -> bool {
+    /// Rate-limit one command (`text` is the frame, when it was text).
+    /// False when it must not be handled.
+    fn admit_command(
+        &mut self,
+        key: ConnKey,
+        now: Clock,
+        text: Option<&str>,
+        out: &mut Outbound,
+    ) -> bool {
         let rate = self.settings.rate();
         let Some(member) = self.tables.member_mut(key) else {
             return false;
         };
-        if !member.open {
+        if !member.open || member.closing {
             return false;
         }
-        match member.bucket.take(rate, now.mono_ms) {
+        let verdict = member.bucket.take(rate, now.mono_ms);
+        if verdict == Verdict::Flooding {
+            // Once is enough: the rest of this read batch is ignored while
+            // the close takes effect.
+            member.closing = true;
+        }
+        match verdict {
             Verdict::Allow => true,
             Verdict::Refuse => {
                 self.counters.rate_limited += 1;
-                let text = format!(
+                let content = format!(
                     "too many commands: at most {} per second (bursts of {}); slow down",
                     rate.per_s, rate.burst
                 );
-                self.error(key, ErrorCode::RateLimited, &text, None, out);
+                // Decoded only on refusal, so an allowed command is parsed
+                // once; the refusal must still carry the command's `ref`.
+                let decoded = text.map(protocol::decode);
+                let reference = match &decoded {
+                    Some(Ok((_, reference))) => reference.as_deref(),
+                    Some(Err(rejected)) => rejected.reference.as_deref(),
+                    None => None,
+                };
+                self.error(key, ErrorCode::RateLimited, &content, reference, out);
                 false
             }
             Verdict::Flooding => {
@@ -336,13 +358,8 @@ impl Dispatcher {
         now: Clock,
         out: &mut Outbound,
     ) {
-        if content.len() > self.settings.limits.max_content_bytes {
-            let text = format!(
-                "content is {} bytes; at most {} are allowed",
-                content.len(),
-                self.settings.limits.max_content_bytes
-            );
-            return self.error(key, ErrorCode::TooLong, &text, reference, out);
+        if !self.content_fits(key, &content, reference, out) {
+            return;
         }
         let Some(member) = self.tables.member(key) else {
             return;
@@ -489,13 +506,8 @@ impl Dispatcher {
         now: Clock,
         out: &mut Outbound,
     ) {
-        if content.len() > self.settings.limits.max_content_bytes {
-            let text = format!(
-                "content is {} bytes; at most {} are allowed",
-                content.len(),
-                self.settings.limits.max_content_bytes
-            );
-            return self.error(key, ErrorCode::TooLong, &text, reference, out);
+        if !self.content_fits(key, content, reference, out) {
+            return;
         }
         let recipient = self
             .tables
@@ -601,6 +613,27 @@ impl Dispatcher {
     }
 
     // ---- helpers --------------------------------------------------------
+
+    /// False (after telling the sender) when `content` is over
+    /// `max_content_bytes`.
+    fn content_fits(
+        &mut self,
+        key: ConnKey,
+        content: &str,
+        reference: Option<&str>,
+        out: &mut Outbound,
+    ) -> bool {
+        let max = self.settings.limits.max_content_bytes;
+        if content.len() <= max {
+            return true;
+        }
+        let text = format!(
+            "content is {} bytes; at most {max} are allowed",
+            content.len()
+        );
+        self.error(key, ErrorCode::TooLong, &text, reference, out);
+        false
+    }
 
     /// Tell every member of `room` that `user` joined or left.
     fn presence(&mut self, room: &str, kind: &'static str, user: &str, out: &mut Outbound) {
@@ -992,6 +1025,22 @@ mod tests {
             }]
         );
         assert_eq!(h.d.counters.rate_limited, 40);
+        // The close is requested once; later frames of the batch are ignored.
+        assert!(h.send(0, r#"{"type":"rooms"}"#).is_empty());
+        assert_eq!(h.out.closes.len(), 1);
+        assert_eq!(h.d.counters.floods, 1);
+    }
+
+    #[test]
+    fn rate_limited_keeps_the_ref() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        for _ in 0..40 {
+            h.send(0, r#"{"type":"rooms"}"#);
+        }
+        let ev = h.send(0, r#"{"type":"rooms","ref":"q9"}"#);
+        assert_eq!(error_code(&ev), "rate_limited");
+        assert_eq!(ev[0].1["ref"], "q9");
     }
 
     #[test]

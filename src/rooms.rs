@@ -39,6 +39,8 @@ pub struct Member {
     pub rooms: Vec<Rc<str>>,
     /// False between the name check (before the 101) and the first events.
     pub open: bool,
+    /// A close was requested (flooding): ignore further commands.
+    pub closing: bool,
     pub bucket: Bucket,
 }
 
@@ -125,6 +127,7 @@ impl Rooms {
             home: home.into(),
             rooms: Vec::new(),
             open: false,
+            closing: false,
             bucket,
         });
         self.member_count += 1;

@@ -167,6 +167,7 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(|e| ServerError::Bind(config.listen, e))?;
+        widen_backlog(&listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(ServerError::Poll)?;
@@ -727,6 +728,7 @@ impl Server {
         match result {
             Upgrade::Done(ws) => {
                 conn.phase = Phase::Open(ws);
+                conn.session_open = true;
                 let (generation, since, endpoint) = (conn.generation, conn.since, conn.endpoint);
                 self.counters.sessions_opened += 1;
                 conn.last_seen_ms = now;
@@ -1058,13 +1060,14 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let was_open = conn.is_open();
-        if std::mem::take(&mut conn.member) && self.shutdown_deadline.is_none() {
-            self.dispatcher.disconnect(key, &mut self.out);
-        } else if self.shutdown_deadline.is_some() {
-            // Everyone is leaving: no leave notices, just release.
-            let mut discard = Outbound::default();
-            self.dispatcher.disconnect(key, &mut discard);
+        let was_open = std::mem::take(&mut conn.session_open);
+        if std::mem::take(&mut conn.member) {
+            if self.shutdown_deadline.is_none() {
+                self.dispatcher.disconnect(key, &mut self.out);
+            } else {
+                // Everyone is leaving: no leave notices, just release.
+                self.dispatcher.disconnect(key, &mut Outbound::default());
+            }
         }
         if was_open {
             self.counters.sessions_closed += 1;
@@ -1082,6 +1085,11 @@ impl Server {
         };
         let ws = match std::mem::replace(&mut conn.phase, Phase::Taken) {
             Phase::Open(ws) => ws,
+            // Already closing: the first close stands.
+            Phase::Closing(ws) => {
+                conn.phase = Phase::Closing(ws);
+                return;
+            }
             other => {
                 conn.phase = other;
                 return self.abort(key);
@@ -1319,6 +1327,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Connections the kernel may queue before `accept`. mio listens with
+/// std's 128, which a burst of 200 simultaneous connects overflows (the
+/// extra SYNs are dropped and retried a second later). The kernel caps it
+/// at `net.core.somaxconn`.
+const LISTEN_BACKLOG: libc::c_int = 4096;
+
+/// Calling `listen` again on a listening socket only changes its backlog
+/// (Linux and the BSDs), so mio's bind can be kept.
+fn widen_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen(2) on a descriptor we own; failure leaves the old
+    // backlog in place, which is harmless.
+    unsafe {
+        libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG);
+    }
 }
 
 /// Raise the soft open-file limit to the hard limit (each connection is a

@@ -243,7 +243,7 @@ fn a_client_that_never_reads() {
     let _stuck = {
         let mut c = server.client("stuck");
         c.opening();
-        shrink_receive_buffer(&c);
+        common::shrink_receive_buffer(c.ws.get_ref());
         c
     };
     let mut alice = server.client("alice");
@@ -268,22 +268,6 @@ fn a_client_that_never_reads() {
     // The room goes on without it.
     alice.say("still here");
     bob.wait_for("after the drop", |v| v["content"] == "still here");
-}
-
-fn shrink_receive_buffer(c: &Client) {
-    use std::os::fd::AsRawFd;
-    let fd = c.ws.get_ref().as_raw_fd();
-    let size: libc::c_int = 4096;
-    // SAFETY: setsockopt with a valid fd and a c_int option value.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &size as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }
 
 /// 1,000 connect/disconnect cycles leave no slab entry, member, name or

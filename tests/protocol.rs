@@ -1086,53 +1086,84 @@ fn unfinished_handshake_is_dropped() {
 
 // ---- the docs' examples --------------------------------------------------------------
 
-/// Prints a session that uses every command, for the examples in
+/// The next text frame exactly as the server wrote it.
+fn raw_text(c: &mut Client) -> String {
+    loop {
+        match c.ws.read().expect("read within the deadline") {
+            Message::Text(t) => return t.as_str().to_string(),
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Prints a session that uses every command and provokes most errors, in
+/// the server's own field order: the source of the examples in
 /// `docs/protocol.md`.
 #[test]
 #[ignore = "prints a transcript; run with --ignored --nocapture"]
 fn transcript() {
-    let server = TestServer::with(roomy());
+    let mut config = Config::for_tests();
+    config.max_rooms_per_user = 2;
+    let server = TestServer::with(config);
     let mut alice = server.client("alice");
     let mut bob = server.client_with("username=bob&room=lobby");
     let show = |who: &str, c: &mut Client, n: usize| {
         for _ in 0..n {
-            println!("{who} <- {}", c.next());
+            println!("{who} <- {}", raw_text(c));
         }
+    };
+    let send = |who: &str, c: &mut Client, text: &str| {
+        println!("{who} -> {text}");
+        c.ws.send(Message::text(text)).expect("send");
     };
     show("alice", &mut alice, 3);
     show("bob", &mut bob, 3);
-    let send = |who: &str, c: &mut Client, v: Value| {
-        println!("{who} -> {v}");
-        c.send(v);
-    };
     send(
         "alice",
         &mut alice,
-        json!({"type":"join","room":"lobby","ref":"c1"}),
+        r#"{"type":"join","room":"lobby","ref":"c1"}"#,
     );
     show("alice", &mut alice, 2);
     show("bob", &mut bob, 1);
     send(
         "alice",
         &mut alice,
-        json!({"type":"message","room":"lobby","content":"hi","ref":"c2"}),
+        r#"{"type":"message","room":"lobby","content":"hi","ref":"c2"}"#,
     );
     show("alice", &mut alice, 1);
     show("bob", &mut bob, 1);
-    for v in [
-        json!({"type":"direct","to":"bob","content":"psst","ref":"c3"}),
-        json!({"type":"rooms"}),
-        json!({"type":"who","room":"lobby"}),
-        json!({"type":"history","room":"lobby","before":2,"limit":50}),
-        json!({"type":"leave","room":"lobby"}),
-        json!({"type":"message","room":"lobby","content":"hi","ref":"c4"}),
-        json!({"type":"join","room":"no spaces"}),
+    let big = format!(r#"{{"type":"message","content":"{}"}}"#, "x".repeat(4097));
+    for text in [
+        r#"{"type":"direct","to":"bob","content":"psst","ref":"c3"}"#,
+        r#"{"type":"rooms"}"#,
+        r#"{"type":"who","room":"lobby"}"#,
+        r#"{"type":"history","room":"lobby","before":2,"limit":50}"#,
+        "hello",
+        r#"{"type":"dance","ref":"c5"}"#,
+        r#"{"content":"hi"}"#,
+        r#"{"type":"join"}"#,
+        r#"{"type":"join","room":"no spaces"}"#,
+        r#"{"type":"join","room":"third"}"#,
+        big.as_str(),
+        r#"{"type":"direct","to":"nobody","content":"x"}"#,
+        r#"{"type":"leave","room":"lobby"}"#,
+        r#"{"type":"message","room":"lobby","content":"hi","ref":"c4"}"#,
     ] {
-        send("alice", &mut alice, v);
+        let shown = if text.len() > 100 {
+            "(a message with 4097 bytes of content)"
+        } else {
+            text
+        };
+        println!("alice -> {shown}");
+        alice.ws.send(Message::text(text)).expect("send");
         show("alice", &mut alice, 1);
     }
+    alice.ws.send(Message::binary(vec![1u8])).expect("send");
+    println!("alice -> (a binary frame)");
+    show("alice", &mut alice, 1);
     show("bob", &mut bob, 2);
-    send("bob", &mut bob, json!({"type":"history","room":"lobby"}));
+    send("bob", &mut bob, r#"{"type":"history","room":"lobby"}"#);
     show("bob", &mut bob, 1);
     let mut carol = server.client_with("username=carol&room=lobby&since=0");
     show("carol", &mut carol, 3);

@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 
 use common::TestServer;
 
@@ -21,7 +20,7 @@ fn ping_flood_without_reading_is_a_slow_consumer() {
     let mut flooder = server.client("flooder");
     flooder.opening();
     let sock = flooder.ws.get_mut();
-    set_small_receive_buffer(sock.as_raw_fd());
+    common::shrink_receive_buffer(sock);
     // 1,000 masked pings with 120-byte payloads, written again and again.
     let mut batch = Vec::new();
     for _ in 0..1000 {
@@ -46,18 +45,4 @@ fn ping_flood_without_reading_is_a_slow_consumer() {
     let mut other = server.client("other");
     other.opening();
     other.say("still serving");
-}
-
-fn set_small_receive_buffer(fd: i32) {
-    let size: libc::c_int = 4096;
-    // SAFETY: setsockopt with a valid fd and a c_int option value.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &size as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }

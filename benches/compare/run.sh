@@ -38,7 +38,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'echo "interrupted" >&2; exit 130' INT TERM
-( sleep "$TOTAL_CAP_S"; echo "run.sh: TOTAL_CAP_S=$TOTAL_CAP_S reached, stopping" >&2; kill -TERM $$ ) &
+# Watchdog: its own sleep is killed with it, and it holds no output pipe open.
+( trap 'kill $s 2>/dev/null; exit 0' TERM; sleep "$TOTAL_CAP_S" & s=$!; wait $s
+  echo "run.sh: TOTAL_CAP_S=$TOTAL_CAP_S reached, stopping" >&2; kill -TERM $$ ) >/dev/null 2>&1 &
 PIDS+=($!)
 
 need() { command -v "$1" >/dev/null || { echo "run.sh: needs $1" >&2; exit 2; }; }
@@ -104,7 +106,7 @@ for run in $(seq "$RUNS"); do
     c0=$(cpu_ticks "$SERVER_PID")
     load "$srv.churn.$run" churn --cycles "$CHURN_CYCLES" --concurrency 10
     c1=$(cpu_ticks "$SERVER_PID")
-    echo "{\"cpu_s\":$(echo "($c1 - $c0) / $TCK" | bc -l)}" >"$OUT/$srv.churncpu.$run.json"
+    awk -v a="$c0" -v b="$c1" -v t="$TCK" 'BEGIN{printf "{\"cpu_s\":%.4f}\n", (b-a)/t}' >"$OUT/$srv.churncpu.$run.json"
     stop_server
   done
   # floors: one write() per delivery, and frames batched 16 per write()

@@ -85,7 +85,10 @@ def ratio(a, b):
     if not a or not b:
         return "n/a"
     ma, mb = statistics.median(a), statistics.median(b)
-    return f"{mb / ma:.1f}×" if ma else "n/a"
+    if not ma:
+        return "n/a"
+    r = mb / ma
+    return f"{r:.1f}×" if r >= 1 else f"{r:.2f}×"
 
 print(f"Results in {out} ({len(load('loopchat.idle.*.json'))} runs of loopchat, "
       f"{len(load('node.idle.*.json'))} of node); median (min–max)\n")

@@ -115,15 +115,9 @@ pub trait History {
 /// `--fsync`, `--retain-messages`); `--no-persist` is the caller's
 /// [`memory::MemoryHistory`]. The error is one line for the operator.
 pub fn open(config: &crate::config::Config) -> Result<Box<dyn History>, String> {
-    use crate::config::Fsync as Mode;
-    let fsync = match config.fsync {
-        Mode::Always => disk::Fsync::Always,
-        Mode::Everysec => disk::Fsync::Everysec,
-        Mode::Never => disk::Fsync::Never,
-    };
     let opts = disk::DiskOptions {
         dir: config.data_dir.clone(),
-        fsync,
+        fsync: config.fsync,
         retain: config.retain_messages,
         keep: config.history_keep,
     };

@@ -136,6 +136,15 @@ async function newPage({ phone = false } = {}) {
   page.setDefaultTimeout(WAIT_MS);
   page.on('dialog', async (d) => { dialogs.push(d.message()); await d.dismiss(); });
   page.on('pageerror', (e) => pageErrors.push(e.message));
+  if (process.env.TRACE_FRAMES) {
+    // TRACE_FRAMES=1 prints every WebSocket frame of every page (debugging aid).
+    const id = Math.random().toString(36).slice(2, 6);
+    page.on('websocket', (ws) => {
+      ws.on('framesent', (f) => console.log(`[${id}] -> ${String(f.payload).slice(0, 200)}`));
+      ws.on('framereceived', (f) => console.log(`[${id}] <- ${String(f.payload).slice(0, 200)}`));
+      ws.on('close', () => console.log(`[${id}] closed`));
+    });
+  }
   return page;
 }
 

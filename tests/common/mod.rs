@@ -251,3 +251,20 @@ impl Client {
         })
     }
 }
+
+/// Make the kernel keep at most ~4 KiB for this client's unread input, so a
+/// client that does not read fills up quickly (slow-consumer tests).
+pub fn shrink_receive_buffer(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4096;
+    // SAFETY: setsockopt on a valid descriptor with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

@@ -34,6 +34,8 @@ const GO_LEAD: Duration = Duration::from_millis(5);
 /// A run in which nothing is sent, delivered or lost for this long (or five
 /// message intervals, if longer) has stalled: what is missing will not come.
 const STALL_AFTER: Duration = Duration::from_secs(5);
+/// How often the main thread looks for progress while messages flow.
+const STALL_CHECK: Duration = Duration::from_millis(250);
 
 fn patience_note(o: &Options) -> f64 {
     let paced = if o.msg_rate > 0.0 {
@@ -428,7 +430,10 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         let patience = Duration::from_secs_f64(patience_note(o));
         let mut moved = (0, Instant::now());
         while crew.done < crew.threads && Instant::now() < deadline {
-            let until = progress.next_due().min(deadline).min(moved.1 + patience);
+            let until = progress
+                .next_due()
+                .min(deadline)
+                .min(Instant::now() + STALL_CHECK);
             crew.wait(until)?;
             progress.tick(line);
             let now = Instant::now();

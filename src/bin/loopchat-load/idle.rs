@@ -249,12 +249,14 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     if let Some(n) = at_open.connections {
         human += &format!("  server /stats connections once open: {n}\n");
     }
-    human += &format!(
-        "  server RSS: before {} kB, all open {} kB, end of hold {} kB\n",
-        fmt_opt(before.rss_kb),
-        fmt_opt(at_open.rss_kb),
-        fmt_opt(after.rss_kb)
-    );
+    if before.rss_kb.is_some() {
+        human += &format!(
+            "  server RSS: before {} kB, all open {} kB, end of hold {} kB\n",
+            fmt_opt(before.rss_kb),
+            fmt_opt(at_open.rss_kb),
+            fmt_opt(after.rss_kb)
+        );
+    }
     human += &format!(
         "  server RSS per session: {}\n",
         report::or_na(rss_per_conn.map(|x| format!("{x:.2} kB")))

@@ -61,7 +61,7 @@ pub fn tally_line(t: &Tally) -> String {
 
 /// `Some(x)` as text with `unit`, `None` as "n/a (needs --pid)".
 pub fn or_na(v: Option<String>) -> String {
-    v.unwrap_or_else(|| "n/a (needs --pid or /stats with rss_bytes)".into())
+    v.unwrap_or_else(|| "n/a (give --pid PID or --pid auto)".into())
 }
 
 pub fn round(x: f64, places: i32) -> f64 {
