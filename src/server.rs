@@ -1284,6 +1284,7 @@ impl Server {
             .iter()
             .find(|(s, _)| *s == "open")
             .map_or(0, |s| s.1);
+        let (rss_bytes, cpu_ms) = crate::stats::process_usage();
         let d = &self.dispatcher.counters;
         Snapshot {
             uptime_s: self.started.elapsed().as_secs(),
@@ -1302,6 +1303,8 @@ impl Server {
             outbox_bytes,
             store: self.dispatcher.history_ref().counters(),
             max_connections: self.max_connections as u64,
+            rss_bytes,
+            cpu_ms,
         }
     }
 }

@@ -100,6 +100,39 @@ pub struct Snapshot {
     pub outbox_bytes: u64,
     pub store: Vec<(&'static str, u64)>,
     pub max_connections: u64,
+    /// Resident memory of the process, bytes (from /proc; 0 elsewhere).
+    pub rss_bytes: u64,
+    /// CPU time of the process, user + system, milliseconds.
+    pub cpu_ms: u64,
+}
+
+/// This process's resident memory (bytes) and CPU time (ms), from
+/// `/proc/self`. Both are small in-memory reads, cheap enough for a
+/// `/stats` request; zeros where `/proc` is missing.
+pub fn process_usage() -> (u64, u64) {
+    let rss_kb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    // Fields 14 and 15 (utime, stime) in clock ticks; the command name in
+    // field 2 may hold spaces, so count from the closing parenthesis.
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    (rss_kb * 1024, ticks * 1000 / hz)
 }
 
 impl Snapshot {
@@ -154,6 +187,8 @@ impl Snapshot {
             "loop_slowest_us": l.slowest_iteration_us,
             "http_answers": l.http_answers,
             "store": store,
+            "rss_bytes": self.rss_bytes,
+            "cpu_seconds": self.cpu_ms as f64 / 1000.0,
         })
         .to_string()
     }
@@ -364,6 +399,12 @@ mod tests {
             assert!(v[field].is_u64(), "{field} missing");
         }
         assert_eq!(v["connections"], 3);
+    }
+
+    #[test]
+    fn process_usage_reads_proc() {
+        let (rss, _cpu) = process_usage();
+        assert!(rss > 0, "a running test process has resident memory");
     }
 
     #[test]

@@ -182,7 +182,9 @@ fn frame_right_behind_the_request() {
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut bytes = upgrade_request("/ws?username=eager", "").into_bytes();
-    bytes.extend(masked_text(r#"{"type":"message","content":"early bird"}"#));
+    bytes.extend(common::masked_text(
+        r#"{"type":"message","content":"early bird"}"#,
+    ));
     s.write_all(&bytes).unwrap();
     let m = watcher.wait_for("early message", |v| v["type"] == "message");
     assert_eq!(m["content"], "early bird");
@@ -190,17 +192,6 @@ fn frame_right_behind_the_request() {
     let mut buf = [0u8; 12];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"HTTP/1.1 101");
-}
-
-/// A masked client text frame, built by hand.
-pub fn masked_text(text: &str) -> Vec<u8> {
-    let payload = text.as_bytes();
-    assert!(payload.len() < 126);
-    let mask = [1u8, 2, 3, 4];
-    let mut f = vec![0x81, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
 }
 
 /// A client that disconnects in the middle of a broadcast does not disturb

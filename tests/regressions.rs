@@ -46,3 +46,42 @@ fn ping_flood_without_reading_is_a_slow_consumer() {
     other.opening();
     other.say("still serving");
 }
+
+/// Bug: a session that ended with a clean close handshake was counted
+/// twice in `sessions_closed` (once when the close arrived, again when the
+/// socket was reaped).
+#[test]
+fn a_clean_close_counts_one_session() {
+    let server = TestServer::start();
+    let mut c = server.client("once");
+    c.opening();
+    c.ws.close(None).expect("close");
+    assert_eq!(c.close_code(), None, "the server echoes an empty close");
+    let s = server.wait_stats("session closed", |s| s["connections"] == 0);
+    assert_eq!(s["sessions_opened"], 1);
+    assert_eq!(s["sessions_closed"], 1);
+}
+
+/// Bug: a flooding client was closed several times over (every refused
+/// frame of one read batch asked again); the second close found the
+/// connection already closing and dropped it without its close frame.
+/// Now the first close stands and the client reads 1008.
+#[test]
+fn a_flood_in_one_write_gets_one_1008() {
+    let mut config = loopchat::Config::for_tests();
+    config.rate_per_s = 1;
+    config.rate_burst = 2;
+    let server = TestServer::with(config);
+    let mut c = server.client("flood");
+    c.opening();
+    let mut batch = Vec::new();
+    for _ in 0..10 {
+        batch.extend(common::masked_text(r#"{"type":"rooms"}"#));
+    }
+    c.ws.get_mut().write_all(&batch).expect("write");
+    assert_eq!(c.expect("rooms")["type"], "rooms");
+    assert_eq!(c.expect("rooms")["type"], "rooms");
+    assert_eq!(c.close_code(), Some(1008));
+    let s = server.wait_stats("closed", |s| s["connections"] == 0);
+    assert_eq!(s["flood_closes"], 1);
+}

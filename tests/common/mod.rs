@@ -268,3 +268,15 @@ pub fn shrink_receive_buffer(stream: &TcpStream) {
         );
     }
 }
+
+/// A masked client text frame (payload under 126 bytes), built by hand for
+/// tests that write raw bytes on the socket.
+pub fn masked_text(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    assert!(payload.len() < 126);
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x81, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
