@@ -2,11 +2,12 @@
 //! the last byte of its close.
 //!
 //! ```text
-//!   Head ──(plain request)──────────────▶ Answer ──(flushed, EOF)──▶ gone
-//!     │
+//!   Head ──(plain request)──────────────▶ Linger ──(flushed, EOF)──▶ gone
+//!     │                                     ▲
+//!     │                                     └──(protocol error: close sent)─┐
 //!     └─(upgrade accepted)─▶ Handshake ─▶ Open ──(close sent)──▶ Closing ─▶ gone
 //!                          (tungstenite's    │                      ▲
-//!                           MidHandshake)    └──(peer closed, error)┘
+//!                           MidHandshake)    └──(peer closed)───────┘
 //! ```
 //!
 //! A connection knows sockets and frames, nothing about rooms: decoded text
@@ -124,10 +125,12 @@ pub enum Phase {
     /// We sent a close frame (or answered one) and wait for the peer's
     /// reply, the flush, or the close deadline.
     Closing(Box<WebSocket<Wire>>),
-    /// A plain HTTP answer is queued; after it is flushed the write side is
-    /// shut and the rest of the request is read and discarded until EOF,
-    /// so that the peer sees the answer rather than a reset.
-    Answer { wire: Wire, shut: bool },
+    /// Last bytes are queued (a plain HTTP answer, or a close frame after
+    /// a protocol failure); after they are flushed the write side is shut
+    /// and input is read and discarded until EOF (or the close deadline),
+    /// so that unread input does not make the kernel reset the connection
+    /// and the peer sees those bytes.
+    Linger { wire: Wire, shut: bool },
     /// Transient, while a phase is being replaced.
     Taken,
 }
@@ -139,7 +142,7 @@ impl Phase {
             Phase::Handshake(_) => "handshake",
             Phase::Open(_) => "open",
             Phase::Closing(_) => "closing",
-            Phase::Answer { .. } => "answer",
+            Phase::Linger { .. } => "linger",
             Phase::Taken => "taken",
         }
     }
@@ -203,7 +206,7 @@ impl Conn {
     /// The connection's wire, whatever the phase.
     pub fn wire(&mut self) -> Option<&mut Wire> {
         match &mut self.phase {
-            Phase::Head { wire, .. } | Phase::Answer { wire, .. } => Some(wire),
+            Phase::Head { wire, .. } | Phase::Linger { wire, .. } => Some(wire),
             Phase::Handshake(mid) => Some(mid.get_mut().get_mut()),
             Phase::Open(ws) | Phase::Closing(ws) => Some(ws.get_mut()),
             Phase::Taken => None,

@@ -478,7 +478,7 @@ impl Server {
             Phase::Head { .. } => self.read_head(key),
             Phase::Handshake(_) => self.resume_handshake(key),
             Phase::Open(_) | Phase::Closing(_) => self.read_frames(key),
-            Phase::Answer { .. } => self.drain_answered(key),
+            Phase::Linger { .. } => self.drain_lingering(key),
             Phase::Taken => {}
         }
     }
@@ -869,12 +869,12 @@ impl Server {
         }
     }
 
-    /// An answered HTTP connection: read and discard until EOF.
-    fn drain_answered(&mut self, key: usize) {
+    /// A lingering connection: read and discard until EOF.
+    fn drain_lingering(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Answer { wire, .. } = &mut conn.phase else {
+        let Phase::Linger { wire, .. } = &mut conn.phase else {
             return;
         };
         let mut sink = [0u8; 1024];
@@ -887,7 +887,7 @@ impl Server {
                 Err(_) => break,
             }
         }
-        if let Some(Phase::Answer { shut: true, .. }) = self.conns.get(key).map(|c| &c.phase) {
+        if let Some(Phase::Linger { shut: true, .. }) = self.conns.get(key).map(|c| &c.phase) {
             self.abort(key);
         }
     }
@@ -990,10 +990,10 @@ impl Server {
             match result {
                 Ok((n, Flushed::All)) => {
                     self.counters.bytes_out += n as u64;
-                    if let Phase::Answer { wire, shut } = &mut conn.phase {
+                    if let Phase::Linger { wire, shut } = &mut conn.phase {
                         if !*shut {
-                            // Answer sent: half-close and let the peer read
-                            // it; drain_answered reaps at EOF.
+                            // Last bytes sent: half-close and let the peer
+                            // read them; drain_lingering reaps at EOF.
                             let _ = wire.sock.shutdown(std::net::Shutdown::Write);
                             *shut = true;
                         }
@@ -1046,7 +1046,7 @@ impl Server {
         };
         let mut wire = wire;
         wire.queue(bytes);
-        conn.phase = Phase::Answer { wire, shut: false };
+        conn.phase = Phase::Linger { wire, shut: false };
         self.counters.http_answers += 1;
         let generation = conn.generation;
         self.timers
@@ -1075,8 +1075,11 @@ impl Server {
     }
 
     /// Start a WebSocket close with `code`. With `wait_for_reply`, the
-    /// socket stays until the peer answers or the grace period ends;
-    /// without, it goes as soon as the close frame is flushed.
+    /// socket stays until the peer answers or the grace period ends.
+    /// Without (the peer broke the protocol and is not trusted to answer),
+    /// the connection lingers: close frame flushed, write side shut, input
+    /// discarded until EOF, so that unread input does not turn the close
+    /// into a reset that could destroy the close frame in flight.
     fn close_with(&mut self, key: usize, code: u16, reason: &'static str, wait_for_reply: bool) {
         self.end_session(key);
         let grace = self.now_ms() + CLOSE_GRACE_MS;
@@ -1100,8 +1103,14 @@ impl Server {
             conn.phase = Phase::Closing(ws);
             return self.abort(key);
         }
-        conn.phase = Phase::Closing(ws);
-        conn.close_when_flushed = !wait_for_reply;
+        conn.phase = if wait_for_reply {
+            Phase::Closing(ws)
+        } else {
+            Phase::Linger {
+                wire: ws.into_inner(),
+                shut: false,
+            }
+        };
         let generation = conn.generation;
         self.timers.arm(grace, key, generation, Kind::Close);
         self.mark_dirty(key);
@@ -1168,7 +1177,7 @@ impl Server {
                 }
                 Kind::Heartbeat => self.heartbeat(key, now),
                 Kind::Close => {
-                    if matches!(conn.phase, Phase::Closing(_) | Phase::Answer { .. }) {
+                    if matches!(conn.phase, Phase::Closing(_) | Phase::Linger { .. }) {
                         self.abort(key);
                     }
                 }
@@ -1268,7 +1277,7 @@ impl Server {
     /// Gather `/stats`.
     pub fn snapshot(&mut self) -> Snapshot {
         let mut by_state: Vec<(&'static str, u64)> =
-            ["head", "handshake", "open", "closing", "answer"]
+            ["head", "handshake", "open", "closing", "linger"]
                 .iter()
                 .map(|s| (*s, 0))
                 .collect();
