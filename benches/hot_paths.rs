@@ -46,6 +46,7 @@ fn settings() -> Settings {
         },
         resume_max: 1000,
         refuse_unkept: false,
+        reply_bytes: 128 * 1024,
     }
 }
 

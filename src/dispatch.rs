@@ -25,6 +25,10 @@ pub const MAX_HISTORY_PAGE: usize = 500;
 /// any outbox bound however many rooms exist.
 pub const MAX_ROOMS_LISTED: usize = 1000;
 
+/// Most member names in one `joined` or `members` answer (about 34 KiB at
+/// the longest names), for the same reason.
+pub const MAX_USERS_LISTED: usize = 1000;
+
 /// What the dispatcher enforces (from [`crate::config::Config`]).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -35,6 +39,10 @@ pub struct Settings {
     /// Refuse a message whose record could not be kept (`--fsync always`);
     /// otherwise deliver it and count the failure.
     pub refuse_unkept: bool,
+    /// Most bytes of messages in one answer (`joined.history`, `history`):
+    /// half the outbox bound, so that an answer never makes its own
+    /// recipient a "slow consumer" and leaves room for live traffic.
+    pub reply_bytes: usize,
 }
 
 impl Settings {
@@ -442,18 +450,37 @@ impl Dispatcher {
             let text = format!("you are in {max_rooms} rooms already; leave one first");
             return self.error(key, ErrorCode::TooManyRooms, &text, reference, out);
         }
-        let backlog = match since {
-            Some(since) => self.history.after(room, since, self.settings.resume_max),
+        // One more than the cap is asked for, to know whether there is more.
+        let (backlog, failure) = match since {
+            Some(since) => self
+                .history
+                .after(room, since, self.settings.resume_max + 1),
             None => self.history.last(room, self.settings.limits.history_limit),
+        }
+        .map_or_else(|e| (Vec::new(), Some(e)), |b| (b, None));
+        let budget = self.settings.reply_bytes;
+        let (history, more) = match since {
+            // A resume keeps the oldest: the client continues from the
+            // last id it got, so nothing is skipped.
+            Some(_) => {
+                let mut list = fit_oldest(&backlog, budget);
+                let more = list.len() < backlog.len();
+                list.truncate(self.settings.resume_max);
+                (list, more)
+            }
+            // A backlog keeps the newest: older ones are a `history` away.
+            None => {
+                let list = fit_newest(&backlog, budget);
+                let more = list.len() < backlog.len();
+                (list, more)
+            }
         };
-        let backlog = backlog.unwrap_or_else(|e| {
-            let text = format!("history of {room} is unavailable: {e}");
-            self.error(key, ErrorCode::HistoryUnavailable, &text, reference, out);
-            Vec::new()
-        });
-        let history: Vec<&RawValue> = backlog.iter().map(|k| &*k.json).collect();
-        let users = self.tables.names_in(room);
-        let content = format!("joined {room}");
+        let (users, total) = self.tables.names_in_capped(room, MAX_USERS_LISTED);
+        let content = if total > users.len() {
+            format!("joined {room} ({} of {total} members listed)", users.len())
+        } else {
+            format!("joined {room}")
+        };
         out.to(
             key,
             protocol::encode_frame(&protocol::Joined {
@@ -462,9 +489,14 @@ impl Dispatcher {
                 room,
                 users: &users,
                 history: &history,
+                more,
                 reference,
             }),
         );
+        if let Some(e) = failure {
+            let text = format!("history of {room} is unavailable: {e}");
+            self.error(key, ErrorCode::HistoryUnavailable, &text, reference, out);
+        }
         if joined == Joined::New {
             if let Some(name) = self.tables.member(key).map(|m| m.name.clone()) {
                 self.presence(room, "join", &name, out);
@@ -566,8 +598,12 @@ impl Dispatcher {
         if !rooms::valid_name(room) {
             return self.bad_room(key, reference, out);
         }
-        let users = self.tables.names_in(room);
-        let content = format!("{} in {room}", users.len());
+        let (users, total) = self.tables.names_in_capped(room, MAX_USERS_LISTED);
+        let content = if total > users.len() {
+            format!("{total} in {room} ({} listed)", users.len())
+        } else {
+            format!("{total} in {room}")
+        };
         let frame = protocol::encode_frame(&protocol::Members {
             kind: "members",
             content: &content,
@@ -600,7 +636,14 @@ impl Dispatcher {
                 return self.error(key, ErrorCode::HistoryUnavailable, &text, reference, out);
             }
         };
-        let messages: Vec<&RawValue> = kept.iter().map(|k| &*k.json).collect();
+        // Within the reply budget, keep the newest: the client pages on
+        // with `before` = the oldest id it got.
+        let messages = fit_newest(&kept, self.settings.reply_bytes);
+        if self.tables.room(room).is_none() {
+            // Nobody is in the room: do not keep its tail cached for a
+            // reader passing through.
+            self.history.release(room);
+        }
         let content = format!("{} messages of {room}", messages.len());
         let frame = protocol::encode_frame(&protocol::HistoryPage {
             kind: "history",
@@ -678,6 +721,33 @@ impl Dispatcher {
     }
 }
 
+/// The oldest messages of `list` whose JSON fits in `budget` bytes.
+fn fit_oldest(list: &[Kept], budget: usize) -> Vec<&RawValue> {
+    let mut used = 0;
+    list.iter()
+        .map(|k| &*k.json)
+        .take_while(|j| {
+            used += j.get().len() + 1;
+            used <= budget
+        })
+        .collect()
+}
+
+/// The newest messages of `list` whose JSON fits in `budget` bytes, oldest
+/// first.
+fn fit_newest(list: &[Kept], budget: usize) -> Vec<&RawValue> {
+    let mut used = 0;
+    let keep = list
+        .iter()
+        .rev()
+        .take_while(|k| {
+            used += k.json.get().len() + 1;
+            used <= budget
+        })
+        .count();
+    list[list.len() - keep..].iter().map(|k| &*k.json).collect()
+}
+
 /// A client-chosen name cut short enough to quote in an error.
 fn clip(s: &str) -> &str {
     match s.char_indices().nth(40) {
@@ -709,6 +779,7 @@ mod tests {
             },
             resume_max: 1000,
             refuse_unkept: false,
+            reply_bytes: 4096,
         }
     }
 
@@ -913,6 +984,47 @@ mod tests {
             .map(|m| m["id"].as_u64().unwrap())
             .collect();
         assert_eq!(ids, vec![4, 5]);
+    }
+
+    #[test]
+    fn answers_fit_the_reply_budget() {
+        let mut roomy = settings();
+        roomy.limits.rate_burst = 1000;
+        let mut h = Harness {
+            d: Dispatcher::new(roomy, Box::new(MemoryHistory::new(1000))),
+            out: Outbound::default(),
+        };
+        h.connect(0, "alice", "r");
+        // Each kept message is ~110 bytes of JSON; 4096 bytes hold ~36.
+        for i in 0..100 {
+            h.send(0, &format!(r#"{{"type":"message","content":"m{i:03}"}}"#));
+        }
+        h.connect(1, "bob", "home");
+        let ev = h.send(1, r#"{"type":"join","room":"r","since":10}"#);
+        let ids: Vec<u64> = ev[0].1["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect();
+        assert!(ids.len() > 10 && ids.len() < 90, "{}", ids.len());
+        assert_eq!(ids[0], 11, "a resume keeps the oldest");
+        assert_eq!(ev[0].1["more"], true);
+        // Joining again from the last id continues without a gap.
+        let last = *ids.last().unwrap();
+        let ev = h.send(
+            1,
+            &format!(r#"{{"type":"join","room":"r","since":{last}}}"#),
+        );
+        assert_eq!(ev[0].1["history"][0]["id"], last + 1);
+        // A history page keeps the newest within the budget.
+        let ev = h.send(1, r#"{"type":"history","room":"r","limit":500}"#);
+        let page = ev[0].1["messages"].as_array().unwrap();
+        assert!(page.len() < 100);
+        assert_eq!(page.last().unwrap()["id"], 100);
+        // A small backlog has no `more`.
+        let ev = h.send(1, r#"{"type":"join","room":"r","since":95}"#);
+        assert!(ev[0].1.get("more").is_none());
     }
 
     #[test]

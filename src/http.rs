@@ -21,9 +21,17 @@ pub struct Head {
     pub path: String,
     /// The raw query string (after `?`), if any.
     pub query: Option<String>,
-    /// `Upgrade: websocket` and `Connection: upgrade` are both present.
+    /// The client asks for a WebSocket (an `Upgrade` header names
+    /// `websocket`). Whether the request is a *valid* upgrade is
+    /// [`Head::upgrade_problem`]'s question.
     pub upgrade: bool,
-    pub ws_key: bool,
+    /// The request line says HTTP/1.1 (an upgrade needs at least that).
+    pub http11: bool,
+    /// The first `Upgrade` header is exactly `websocket`.
+    pub upgrade_exact: bool,
+    /// The first `Connection` header lists `upgrade`.
+    pub connection_upgrade: bool,
+    pub ws_key: Option<String>,
     pub ws_version: Option<String>,
     pub origin: Option<String>,
     /// Length of the head in bytes (bytes after it belong to the
@@ -72,27 +80,87 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         len,
         ..Head::default()
     };
-    let (mut upgrade_ws, mut connection_upgrade) = (false, false);
+    head.http11 = req.version == Some(1);
+    // Where a header may repeat, the first one counts, as in tungstenite's
+    // own checks (`HeaderMap::get`), so both sides agree on every request.
+    let (mut seen_upgrade, mut seen_connection) = (false, false);
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).unwrap_or("").trim();
         if h.name.eq_ignore_ascii_case("upgrade") {
-            upgrade_ws |= value
+            head.upgrade |= value
                 .split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+            if !seen_upgrade {
+                seen_upgrade = true;
+                head.upgrade_exact = value.eq_ignore_ascii_case("websocket");
+            }
         } else if h.name.eq_ignore_ascii_case("connection") {
-            connection_upgrade |= value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            if !seen_connection {
+                seen_connection = true;
+                head.connection_upgrade = value
+                    .split([' ', ','])
+                    .any(|t| t.eq_ignore_ascii_case("upgrade"));
+            }
         } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
-            head.ws_key = !value.is_empty();
+            head.ws_key.get_or_insert_with(|| value.to_string());
         } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
-            head.ws_version = Some(value.to_string());
+            head.ws_version.get_or_insert_with(|| value.to_string());
         } else if h.name.eq_ignore_ascii_case("origin") {
-            head.origin = Some(value.to_string());
+            head.origin.get_or_insert_with(|| value.to_string());
         }
     }
-    head.upgrade = upgrade_ws && connection_upgrade;
     Ok(Some(head))
+}
+
+/// Why an upgrade request is not one RFC 6455 §4.2.1 (and tungstenite)
+/// accepts.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UpgradeProblem {
+    /// 426, with `Sec-WebSocket-Version: 13`.
+    Version,
+    /// 400, with the reason.
+    Bad(&'static str),
+}
+
+impl Head {
+    /// Check the upgrade the way tungstenite's handshake will, so that
+    /// every request it would reject is answered here with a status (once
+    /// tungstenite fails, it keeps the socket and no answer can be sent).
+    pub fn upgrade_problem(&self) -> Option<UpgradeProblem> {
+        if !self.http11 {
+            return Some(UpgradeProblem::Bad("a WebSocket upgrade needs HTTP/1.1"));
+        }
+        if !self.connection_upgrade {
+            return Some(UpgradeProblem::Bad("missing \"Connection: Upgrade\""));
+        }
+        if !self.upgrade_exact {
+            return Some(UpgradeProblem::Bad(
+                "the Upgrade header must be exactly \"websocket\"",
+            ));
+        }
+        if self.ws_version.as_deref() != Some("13") {
+            return Some(UpgradeProblem::Version);
+        }
+        match &self.ws_key {
+            None => Some(UpgradeProblem::Bad("missing Sec-WebSocket-Key")),
+            Some(key) if !valid_ws_key(key) => Some(UpgradeProblem::Bad(
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
+/// A `Sec-WebSocket-Key` is 16 bytes in canonical base64: 22 characters,
+/// the last of which carries only 2 bits (so its low 4 bits are zero),
+/// then `==`.
+fn valid_ws_key(key: &str) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[..21].iter().all(|c| ALPHABET.contains(c))
+        && b"AQgw".contains(&b[21])
+        && &b[22..] == b"=="
 }
 
 /// The value of `name` in a query string, percent-decoded. `None` when
@@ -187,7 +255,7 @@ mod tests {
         let raw = b"GET /ws?username=al%69ce&room=r HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: abc\r\nSec-WebSocket-Version: 13\r\nOrigin: http://o\r\n\r\nEXTRA";
         let h = parse_head(raw).unwrap().unwrap();
         assert_eq!(h.path, "/ws");
-        assert!(h.upgrade && h.ws_key);
+        assert!(h.upgrade && h.ws_key.is_some());
         assert_eq!(h.ws_version.as_deref(), Some("13"));
         assert_eq!(h.origin.as_deref(), Some("http://o"));
         assert_eq!(&raw[h.len..], b"EXTRA");
@@ -215,6 +283,47 @@ mod tests {
         }
         many.extend_from_slice(b"\r\n");
         assert_eq!(parse_head(&many), Err(HeadError::TooLarge));
+    }
+
+    fn head(raw: &str) -> Head {
+        parse_head(raw.as_bytes()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn upgrade_checks_match_tungstenite() {
+        let good = "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        assert_eq!(head(good).upgrade_problem(), None);
+        let cases = [
+            (good.replace("HTTP/1.1", "HTTP/1.0"), "HTTP/1.1"),
+            (
+                good.replace("Upgrade: websocket", "Upgrade: websocket, h2c"),
+                "exactly",
+            ),
+            (
+                good.replace("Connection: Upgrade", "Connection: keep-alive"),
+                "Connection",
+            ),
+            (good.replace("dGhlIHNhbXBsZSBub25jZQ==", "abc"), "16 bytes"),
+            (
+                good.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZR=="),
+                "16 bytes",
+            ),
+            (
+                good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+                "missing",
+            ),
+        ];
+        for (raw, why) in cases {
+            match head(&raw).upgrade_problem() {
+                Some(UpgradeProblem::Bad(text)) => assert!(text.contains(why), "{text}"),
+                other => panic!("{raw:?}: {other:?}"),
+            }
+        }
+        let v12 = good.replace("Version: 13", "Version: 12");
+        assert_eq!(head(&v12).upgrade_problem(), Some(UpgradeProblem::Version));
+        // "Connection: keep-alive, Upgrade" and lower case are fine.
+        let mixed = good.replace("Connection: Upgrade", "Connection: keep-alive, upgrade");
+        assert_eq!(head(&mixed).upgrade_problem(), None);
     }
 
     #[test]

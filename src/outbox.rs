@@ -59,8 +59,10 @@ impl Outbox {
     }
 
     /// Whether `extra` more bytes fit under `limit`. Always true for an
-    /// empty outbox, so that a single frame larger than the bound (a long
-    /// backlog) still goes to a reader that keeps up.
+    /// empty outbox, so that one frame larger than the bound still goes to
+    /// a reader that keeps up. The dispatcher keeps every answer under half
+    /// the bound (`Settings::reply_bytes`), so a new connection's 101,
+    /// greeting and backlog fit together.
     pub fn admits(&self, extra: usize, limit: usize) -> bool {
         self.queued == 0 || self.queued + extra <= limit
     }

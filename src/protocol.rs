@@ -261,6 +261,10 @@ pub struct Joined<'a> {
     pub room: &'a str,
     pub users: &'a [&'a str],
     pub history: &'a [&'a RawValue],
+    /// More messages follow the ones in `history` than fitted in one
+    /// answer (with `since`: join again with the last id received).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<&'a str>,
 }

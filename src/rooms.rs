@@ -198,15 +198,19 @@ impl Rooms {
         Some((member, gone))
     }
 
-    /// Member names of `room`, in join order.
-    pub fn names_in(&self, room: &str) -> Vec<&str> {
+    /// The first `max` member names of `room` in join order, and how many
+    /// members it has.
+    pub fn names_in_capped(&self, room: &str, max: usize) -> (Vec<&str>, usize) {
         match self.rooms.get(room) {
-            Some(r) => r
-                .members
-                .iter()
-                .filter_map(|&k| self.member(k).map(|m| &*m.name))
-                .collect(),
-            None => Vec::new(),
+            Some(r) => (
+                r.members
+                    .iter()
+                    .take(max)
+                    .filter_map(|&k| self.member(k).map(|m| &*m.name))
+                    .collect(),
+                r.members.len(),
+            ),
+            None => (Vec::new(), 0),
         }
     }
 }
@@ -253,7 +257,8 @@ mod tests {
         assert_eq!(t.join(0, "r", 8), Joined::New);
         assert_eq!(t.join(1, "r", 8), Joined::New);
         assert_eq!(t.join(0, "r", 8), Joined::Already);
-        assert_eq!(t.names_in("r"), vec!["a", "b"]);
+        assert_eq!(t.names_in_capped("r", 10).0, vec!["a", "b"]);
+        assert_eq!(t.names_in_capped("r", 1), (vec!["a"], 2));
         assert_eq!(t.member(0).unwrap().rooms.len(), 1);
         assert_eq!(t.leave(0, "r"), Some(false));
         assert_eq!(t.leave(0, "r"), None);
@@ -280,7 +285,7 @@ mod tests {
         assert_eq!(&*m.name, "a");
         assert_eq!(rooms, vec![(Rc::from("r1"), true), (Rc::from("r2"), false)]);
         assert!(t.by_name("a").is_none());
-        assert_eq!(t.names_in("r2"), vec!["b"]);
+        assert_eq!(t.names_in_capped("r2", 10).0, vec!["b"]);
         assert_eq!(t.member_count(), 1);
         assert_eq!(t.room_count(), 1);
         assert!(t.remove_member(0).is_none());

@@ -196,6 +196,7 @@ impl Server {
             },
             resume_max: config.history_keep.max(config.history_limit),
             refuse_unkept: config.persist && config.fsync == crate::config::Fsync::Always,
+            reply_bytes: config.max_outbox_bytes / 2,
         };
         Ok(Server {
             poll,
@@ -617,15 +618,27 @@ impl Server {
         head: &Head,
         endpoint: Endpoint,
     ) -> Result<(), (Reject, u16, String)> {
-        if head.ws_version.as_deref() != Some("13") {
-            return Err((
-                Reject::BadRequest,
-                426,
-                "only WebSocket version 13 is supported".into(),
-            ));
+        match head.upgrade_problem() {
+            None => {}
+            Some(http::UpgradeProblem::Version) => {
+                return Err((
+                    Reject::BadRequest,
+                    426,
+                    "only WebSocket version 13 is supported".into(),
+                ))
+            }
+            Some(http::UpgradeProblem::Bad(why)) => {
+                return Err((Reject::BadRequest, 400, why.into()))
+            }
         }
-        if !head.ws_key {
-            return Err((Reject::BadRequest, 400, "missing Sec-WebSocket-Key".into()));
+        // tungstenite parses the request target as a URI; refuse here what
+        // it would refuse there.
+        let target = match &head.query {
+            Some(q) => format!("{}?{q}", head.path),
+            None => head.path.clone(),
+        };
+        if tungstenite::http::Uri::try_from(target.as_str()).is_err() {
+            return Err((Reject::BadRequest, 400, "malformed request target".into()));
         }
         if !self.config.allowed_origins.is_empty() {
             if let Some(origin) = &head.origin {

@@ -85,3 +85,64 @@ fn a_flood_in_one_write_gets_one_1008() {
     let s = server.wait_stats("closed", |s| s["connections"] == 0);
     assert_eq!(s["flood_closes"], 1);
 }
+
+/// Bug: a new client whose `joined` backlog was larger than what fitted in
+/// its outbox next to the queued 101 was dropped as a slow consumer before
+/// it had read a byte: it received a bare close frame instead of the 101.
+/// Answers are now capped at half the outbox bound (`more` says so).
+#[test]
+fn a_large_backlog_still_lets_newcomers_in() {
+    let mut config = loopchat::Config::for_tests();
+    config.max_outbox_bytes = 32 * 1024;
+    config.rate_burst = 1000;
+    let server = TestServer::with(config);
+    let mut alice = server.client("alice");
+    alice.opening();
+    // Control characters are stored escaped (\u0001: 6 bytes each), so 12
+    // messages of 2,000 of them make a ~140 KiB backlog.
+    let heavy = "\u{1}".repeat(2000);
+    for _ in 0..12 {
+        alice.say(&heavy);
+    }
+    let mut bob = server.client("bob");
+    let (_, joined) = bob.opening();
+    let history = joined["history"].as_array().expect("history");
+    assert!(
+        !history.is_empty() && history.len() < 12,
+        "{}",
+        history.len()
+    );
+    assert_eq!(history.last().unwrap()["id"], 12, "the newest are kept");
+    assert_eq!(joined["more"], true);
+    let mut carol = server.client_with("username=carol&since=0");
+    let (_, joined) = carol.opening();
+    assert_eq!(
+        joined["history"][0]["id"], 1,
+        "a resume starts at the oldest"
+    );
+    assert_eq!(joined["more"], true);
+    assert_eq!(server.stats()["slow_consumer_drops"], 0);
+}
+
+/// Bug: upgrade requests that loopchat's head checks let through but
+/// tungstenite's handshake refuses (HTTP/1.0, a key that is not 16 bytes of
+/// base64, `Upgrade: websocket, h2c`) were closed without any answer. Each
+/// now gets a 400 that says why.
+#[test]
+fn upgrades_tungstenite_would_refuse_get_400() {
+    let server = TestServer::start();
+    let good = common::upgrade_request("/ws?username=x", "");
+    for (raw, why) in [
+        (good.replace("HTTP/1.1", "HTTP/1.0"), "HTTP/1.1"),
+        (good.replace("dGhlIHNhbXBsZSBub25jZQ==", "abc"), "base64"),
+        (
+            good.replace("Upgrade: websocket", "Upgrade: websocket, h2c"),
+            "websocket",
+        ),
+        (good.replace("/ws?username=x", "/ws?username=<x>"), "target"),
+    ] {
+        let (status, body) = server.http(raw.as_bytes());
+        assert_eq!(status, 400, "{raw:?}");
+        assert!(body.contains(why), "{body}");
+    }
+}
