@@ -175,8 +175,8 @@ pub struct Conn {
     pub dirty: bool,
     /// Marked for removal after the current event batch.
     pub doomed: bool,
-    /// Remove as soon as the outbox is flushed (close already answered, or
-    /// a failure that needs no reply).
+    /// The close handshake is complete (the peer closed and our reply is
+    /// queued): remove as soon as the outbox is flushed.
     pub close_when_flushed: bool,
     /// Registered for WRITABLE too (after a flush left bytes behind).
     pub want_write: bool,
@@ -292,7 +292,7 @@ pub enum Inbound {
 /// edge-triggered, so bytes left in the socket after an early stop would
 /// produce no further event.
 pub fn next_message(ws: &mut WebSocket<Wire>) -> Inbound {
-    use tungstenite::error::{CapacityError, Error, ProtocolError};
+    use tungstenite::error::{Error, ProtocolError};
     match ws.read() {
         Ok(Message::Text(t)) => Inbound::Text(t),
         Ok(Message::Binary(b)) => Inbound::Binary(b),
@@ -302,9 +302,6 @@ pub fn next_message(ws: &mut WebSocket<Wire>) -> Inbound {
         Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Inbound::WouldBlock,
         Err(Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => Inbound::Control,
         Err(Error::ConnectionClosed | Error::AlreadyClosed) => Inbound::Closed,
-        Err(Error::Capacity(CapacityError::MessageTooLong { .. })) => {
-            Inbound::Fail(1009, "message too big")
-        }
         Err(Error::Capacity(_)) => Inbound::Fail(1009, "message too big"),
         Err(Error::Utf8(_)) => Inbound::Fail(1007, "invalid UTF-8 in text frame"),
         Err(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => Inbound::Gone,

@@ -82,10 +82,6 @@ impl Outbound {
     fn to(&mut self, key: ConnKey, frame: Frame) {
         self.sends.push((key, frame));
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.sends.is_empty() && self.closes.is_empty()
-    }
 }
 
 /// Query parameters of an upgrade that the dispatcher must check before
@@ -147,7 +143,18 @@ pub struct Dispatcher {
     tables: Rooms,
     history: Box<dyn History>,
     next_guest: u64,
+    /// With `refuse_unkept`: messages appended since the last successful
+    /// [`History::commit`], so that a failed commit can take them back.
+    uncommitted: Vec<Uncommitted>,
     pub counters: Counters,
+}
+
+/// A message whose record is appended but not yet durable.
+struct Uncommitted {
+    sender: ConnKey,
+    reference: Option<Box<str>>,
+    /// The broadcast and, when the sender gave a `ref`, its own copy.
+    frames: [Option<Frame>; 2],
 }
 
 impl Dispatcher {
@@ -157,6 +164,7 @@ impl Dispatcher {
             tables: Rooms::new(),
             history,
             next_guest: 1,
+            uncommitted: Vec::new(),
             counters: Counters::default(),
         }
     }
@@ -171,10 +179,6 @@ impl Dispatcher {
 
     pub fn history_ref(&self) -> &dyn History {
         &*self.history
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.settings.limits
     }
 
     /// Check an upgrade and claim its username for `key`. Called before the
@@ -230,6 +234,42 @@ impl Dispatcher {
             }),
         );
         self.join(key, &home, since, None, out);
+    }
+
+    /// Make the messages appended since the last call durable (the group
+    /// commit; a no-op unless the store syncs on commit). Call before any
+    /// of them is delivered: if the commit fails, the messages are taken
+    /// back out of `out` and each sender gets `history_unavailable`
+    /// instead, so that nobody sees a message the store does not have.
+    pub fn commit(&mut self, out: &mut Outbound) {
+        let result = self.history.commit();
+        let pending = std::mem::take(&mut self.uncommitted);
+        let Err(e) = result else {
+            return;
+        };
+        log::error!(
+            "history commit failed, {} message(s) refused: {e}",
+            pending.len()
+        );
+        let revoked: Vec<*const u8> = pending
+            .iter()
+            .flat_map(|u| u.frames.iter().flatten())
+            .map(|f| f.as_ptr())
+            .collect();
+        out.sends
+            .retain(|(_, frame)| !revoked.contains(&frame.as_ptr()));
+        let text = format!("message not sent: it could not be stored ({e})");
+        for u in pending {
+            self.counters.messages -= 1;
+            self.counters.unkept += 1;
+            self.error(
+                u.sender,
+                ErrorCode::HistoryUnavailable,
+                &text,
+                u.reference.as_deref(),
+                out,
+            );
+        }
     }
 
     /// One text frame from `key`.
@@ -372,15 +412,16 @@ impl Dispatcher {
         let Some(member) = self.tables.member(key) else {
             return;
         };
-        let room: Rc<str> = match room {
-            None => member.home.clone(),
-            Some(r) if !rooms::valid_name(&r) => return self.bad_room(key, reference, out),
-            Some(r) => r.as_ref().into(),
+        let wanted: &str = match &room {
+            None => &member.home,
+            Some(r) if !rooms::valid_name(r) => return self.bad_room(key, reference, out),
+            Some(r) => r,
         };
-        if !member.rooms.contains(&room) {
-            let text = format!("you are not in room {room}; join it first");
+        // The member's own copy of the name: no allocation per message.
+        let Some(room) = member.rooms.iter().find(|r| &***r == wanted).cloned() else {
+            let text = format!("you are not in room {wanted}; join it first");
             return self.error(key, ErrorCode::NotMember, &text, reference, out);
-        }
+        };
         let user = member.name.clone();
         let id = match self.history.reserve_id(&room) {
             Ok(id) => id,
@@ -423,6 +464,13 @@ impl Dispatcher {
             log::warn!("room {room}: message {id} delivered but not stored: {e}");
         }
         self.counters.messages += 1;
+        if self.settings.refuse_unkept {
+            self.uncommitted.push(Uncommitted {
+                sender: key,
+                reference: reference.map(Into::into),
+                frames: [Some(shared.clone()), own.clone()],
+            });
+        }
         let Some(r) = self.tables.room(&room) else {
             return;
         };
@@ -627,8 +675,8 @@ impl Dispatcher {
             return self.bad_room(key, reference, out);
         }
         let limit = limit
-            .map(|l| l.min(MAX_HISTORY_PAGE as u64) as usize)
-            .unwrap_or(self.settings.limits.history_limit);
+            .map_or(self.settings.limits.history_limit as u64, |l| l)
+            .min(MAX_HISTORY_PAGE as u64) as usize;
         let kept = match self.history.before(room, before, limit) {
             Ok(kept) => kept,
             Err(e) => {
@@ -1191,6 +1239,73 @@ mod tests {
             h.take().is_empty(),
             "no leave for a member that never joined"
         );
+    }
+
+    /// Appends work; the group commit fails.
+    struct FailingCommit(MemoryHistory);
+
+    impl History for FailingCommit {
+        fn reserve_id(&mut self, room: &str) -> Result<u64, crate::store::HistoryError> {
+            self.0.reserve_id(room)
+        }
+        fn append(&mut self, room: &str, m: Kept) -> Result<(), crate::store::HistoryError> {
+            self.0.append(room, m)
+        }
+        fn last(&mut self, room: &str, n: usize) -> Result<Vec<Kept>, crate::store::HistoryError> {
+            self.0.last(room, n)
+        }
+        fn after(
+            &mut self,
+            room: &str,
+            s: u64,
+            n: usize,
+        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
+            self.0.after(room, s, n)
+        }
+        fn before(
+            &mut self,
+            room: &str,
+            b: Option<u64>,
+            n: usize,
+        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
+            self.0.before(room, b, n)
+        }
+        fn release(&mut self, room: &str) {
+            self.0.release(room)
+        }
+        fn commit(&mut self) -> Result<(), crate::store::HistoryError> {
+            Err(std::io::Error::other("fdatasync failed").into())
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_takes_the_messages_back() {
+        let mut strict = settings();
+        strict.refuse_unkept = true;
+        let mut h = Harness {
+            d: Dispatcher::new(strict, Box::new(FailingCommit(MemoryHistory::new(10)))),
+            out: Outbound::default(),
+        };
+        h.connect(0, "alice", "r");
+        h.connect(1, "bob", "r");
+        h.d.handle_text(
+            0,
+            r#"{"type":"message","content":"lost","ref":"m1"}"#,
+            NOW,
+            &mut h.out,
+        );
+        h.d.handle_text(1, r#"{"type":"rooms"}"#, NOW, &mut h.out);
+        assert_eq!(
+            h.out.sends.len(),
+            3,
+            "two message copies and a rooms answer"
+        );
+        h.d.commit(&mut h.out);
+        let ev = h.take();
+        assert_eq!(types(&ev), vec![(1, "rooms".into()), (0, "error".into())]);
+        assert_eq!(ev[1].1["code"], "history_unavailable");
+        assert_eq!(ev[1].1["ref"], "m1");
+        assert_eq!(h.d.counters.messages, 0);
     }
 
     struct FailingHistory;

@@ -137,11 +137,17 @@ pub fn decode(text: &str) -> Result<(Command<'_>, Option<Cow<'_, str>>), Rejecte
     let wire: Wire = match serde_json::from_str(text) {
         Ok(wire) => wire,
         Err(e) => {
+            // serde quotes the offending input; keep the echo short.
+            let detail = e.to_string();
             return Err(Rejected {
                 code: ErrorCode::BadJson,
-                reason: format!("expected one JSON object such as {MESSAGE_SHAPE} ({e})").into(),
+                reason: format!(
+                    "expected one JSON object such as {MESSAGE_SHAPE} ({})",
+                    truncate(&detail, 160)
+                )
+                .into(),
                 reference: None,
-            })
+            });
         }
     };
     let reference = wire.reference;

@@ -57,7 +57,8 @@ impl Bucket {
         self.last_ms = now_ms.max(self.last_ms);
         let cap = u64::from(rate.burst) * 1000;
         // per_s tokens per 1000 ms is per_s milli-tokens per ms.
-        self.milli_tokens = (self.milli_tokens + elapsed * u64::from(rate.per_s)).min(cap);
+        let refill = elapsed.saturating_mul(u64::from(rate.per_s));
+        self.milli_tokens = self.milli_tokens.saturating_add(refill).min(cap);
         if self.milli_tokens >= 1000 {
             self.milli_tokens -= 1000;
             self.refused = 0;

@@ -53,6 +53,10 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 /// edge-triggered event will not come again by itself).
 const READ_BUDGET: usize = 128;
 
+/// Pending deliveries after which a batch delivers early (about 2.5 MiB of
+/// `(key, frame)` pairs) instead of waiting for the end of the batch.
+const OUTBOUND_SOFT_CAP: usize = 1 << 16;
+
 /// How long a close we started may take before the socket is dropped, and
 /// how long an HTTP answer may linger for the peer to read it.
 const CLOSE_GRACE_MS: u64 = 2_000;
@@ -271,11 +275,8 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
-                    WAKER => {
-                        if self.stop.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
-                            self.begin_shutdown();
-                        }
-                    }
+                    // The handle set `stop`; acted on after the batch.
+                    WAKER => {}
                     SIGNALS => {
                         if self.on_signal() {
                             log::warn!("second signal: exiting without waiting");
@@ -292,6 +293,11 @@ impl Server {
             self.continue_reads();
             self.fire_timers();
             self.settle();
+            // Shutdown starts between batches, so that everything the batch
+            // produced (already stored, with ids) is delivered first.
+            if self.stop.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
+                self.begin_shutdown();
+            }
             if self.accept_retry_at.is_some_and(|at| at <= self.now_ms()) {
                 self.accept_all();
                 self.settle();
@@ -359,17 +365,29 @@ impl Server {
     /// work (a write failure that ends a session sends `leave` notices,
     /// which must not wait for some later wake-up).
     fn settle(&mut self) {
+        // The group-commit point: before anything of this iteration is
+        // delivered, so that with `--fsync always` no message leaves before
+        // its record is durable (and one that cannot be made durable is
+        // refused instead).
+        self.dispatcher.commit(&mut self.out);
         loop {
             self.apply();
             if self.dirty.is_empty() {
                 break;
             }
-            if let Err(e) = self.dispatcher.history().commit() {
-                log::error!("history commit failed: {e}");
-            }
             self.flush_dirty();
         }
         self.reap();
+    }
+
+    /// Deliver early when one batch has produced a great many deliveries
+    /// (bursts into a huge room), so the pending list stays bounded; the
+    /// commit comes first, as in [`Server::settle`].
+    fn relieve_outbound(&mut self) {
+        if self.out.sends.len() >= OUTBOUND_SOFT_CAP {
+            self.dispatcher.commit(&mut self.out);
+            self.apply();
+        }
     }
 
     // ---- accepting ------------------------------------------------------
@@ -512,6 +530,15 @@ impl Server {
                 Ok(0) => break Err(None),
                 Ok(n) => {
                     buf.extend_from_slice(&chunk[..n]);
+                    // A head ends with a newline: after the first read
+                    // (which catches bytes that are not HTTP at all), parse
+                    // only when one arrived, so a client sending a byte at
+                    // a time cannot make each byte cost a parse of the
+                    // whole buffer.
+                    let first = buf.len() == n;
+                    if !first && !chunk[..n].contains(&b'\n') && buf.len() < limit {
+                        continue;
+                    }
                     match http::parse_head(buf) {
                         Ok(Some(head)) => break Ok(Some(head)),
                         Ok(None) if buf.len() >= limit => break Err(Some(HeadError::TooLarge)),
@@ -864,9 +891,19 @@ impl Server {
         match end {
             None => {}
             Some(End::Clean) => {
+                // The peer closed and our reply is queued: the connection is
+                // closing, goes once the reply is flushed, and at the latest
+                // at the close deadline if the peer stops reading.
                 self.end_session(key);
+                let deadline = self.now_ms() + CLOSE_GRACE_MS;
                 if let Some(conn) = self.conns.get_mut(key) {
+                    conn.phase = match std::mem::replace(&mut conn.phase, Phase::Taken) {
+                        Phase::Open(ws) => Phase::Closing(ws),
+                        other => other,
+                    };
                     conn.close_when_flushed = true;
+                    let generation = conn.generation;
+                    self.timers.arm(deadline, key, generation, Kind::Close);
                     if !has_output {
                         self.abort(key);
                     }
@@ -880,6 +917,7 @@ impl Server {
             Some(End::Gone) => self.abort(key),
             Some(End::Overflow) => self.drop_slow_consumer(key),
         }
+        self.relieve_outbound();
     }
 
     /// A lingering connection: read and discard until EOF.
@@ -1009,6 +1047,9 @@ impl Server {
                             // read them; drain_lingering reaps at EOF.
                             let _ = wire.sock.shutdown(std::net::Shutdown::Write);
                             *shut = true;
+                            // The peer may have finished (or closed) already,
+                            // and that edge has passed: look now.
+                            self.drain_lingering(key);
                         }
                     } else if close_when_flushed {
                         self.abort(key);
@@ -1244,7 +1285,7 @@ impl Server {
         if self.shutdown_deadline.is_some() || count > 1 {
             return true;
         }
-        self.begin_shutdown();
+        self.stop.store(true, Ordering::SeqCst);
         false
     }
 
@@ -1273,9 +1314,7 @@ impl Server {
 
     fn finish(mut self) -> Result<(), ServerError> {
         self.settle();
-        if let Err(e) = self.dispatcher.history().commit() {
-            log::error!("final history commit failed: {e}");
-        }
+
         log::info!(
             "stopped after {} s: {} sessions, {} messages",
             self.started.elapsed().as_secs(),

@@ -940,7 +940,8 @@ fn error_history_unavailable() {
 
 /// A room with no members disappears from `rooms` (whether its last member
 /// left or disconnected), and its ids never go backwards while the server
-/// runs: a later message continues the count.
+/// runs: a later message gets a greater id (ids are strictly increasing per
+/// room, not necessarily consecutive).
 #[test]
 fn empty_rooms_disappear_and_ids_never_go_backwards() {
     let server = TestServer::with(roomy());
@@ -955,17 +956,18 @@ fn empty_rooms_disappear_and_ids_never_go_backwards() {
         json!([{"room":"default","users":1}])
     );
     join(&mut alice, "tmp");
-    assert_eq!(say_in(&mut alice, "tmp", "back")["id"], 4);
+    assert!(say_in(&mut alice, "tmp", "back")["id"].as_u64().unwrap() > 3);
 
     let mut bob = ready(&server, "username=bob&room=solo");
-    assert_eq!(say_many(&mut bob, "solo", 2), range(1, 2));
+    let solo = say_many(&mut bob, "solo", 2);
+    assert!(solo[0] < solo[1], "{solo:?}");
     drop(bob);
     wait_rooms(&server, 2);
     alice.send(json!({"type":"rooms"}));
     let listed = alice.expect("rooms")["rooms"].to_string();
     assert!(!listed.contains("solo"), "{listed}");
     join(&mut alice, "solo");
-    assert_eq!(say_in(&mut alice, "solo", "again")["id"], 3);
+    assert!(say_in(&mut alice, "solo", "again")["id"].as_u64().unwrap() > solo[1]);
 }
 
 // ---- §2 opening --------------------------------------------------------------

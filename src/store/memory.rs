@@ -1,9 +1,11 @@
 //! The in-memory history: a bounded ring of messages per room.
 //!
 //! Used with `--no-persist`, and as the model the on-disk store follows. A
-//! room's ring is dropped when its last member leaves ([`History::release`]);
-//! only its next id (a number) stays, so ids never go backwards while the
-//! process runs. Nothing here survives a restart.
+//! room's ring is dropped when its last member leaves ([`History::release`]),
+//! and so is its id counter: ids stay above a single high-water mark of
+//! every released room instead, so they never go backwards for any room
+//! while the process runs, and memory does not grow with the number of
+//! room names ever used. Nothing here survives a restart.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -13,8 +15,11 @@ use super::{History, HistoryError, Kept};
 pub struct MemoryHistory {
     keep: usize,
     rings: HashMap<Box<str>, VecDeque<Kept>>,
-    /// Last id handed out per room; kept after the ring is released.
+    /// Last id handed out, per room that has not been released.
     last_id: HashMap<Box<str>, u64>,
+    /// The highest id of any released room: a room seen again (or for the
+    /// first time) continues above it.
+    floor: u64,
 }
 
 impl MemoryHistory {
@@ -24,6 +29,7 @@ impl MemoryHistory {
             keep,
             rings: HashMap::new(),
             last_id: HashMap::new(),
+            floor: 0,
         }
     }
 }
@@ -32,7 +38,7 @@ impl History for MemoryHistory {
     fn reserve_id(&mut self, room: &str) -> Result<u64, HistoryError> {
         let last = match self.last_id.get_mut(room) {
             Some(last) => last,
-            None => self.last_id.entry(room.into()).or_insert(0),
+            None => self.last_id.entry(room.into()).or_insert(self.floor),
         };
         *last += 1;
         Ok(*last)
@@ -89,6 +95,9 @@ impl History for MemoryHistory {
 
     fn release(&mut self, room: &str) {
         self.rings.remove(room);
+        if let Some(last) = self.last_id.remove(room) {
+            self.floor = self.floor.max(last);
+        }
     }
 }
 
@@ -142,5 +151,22 @@ mod tests {
         h.release("r");
         assert!(h.last("r", 10).unwrap().is_empty());
         assert_eq!(h.reserve_id("r").unwrap(), 4);
+        assert!(h.last_id.len() == 1 && h.rings.is_empty());
+    }
+
+    #[test]
+    fn released_rooms_leave_only_a_floor() {
+        let mut h = MemoryHistory::new(10);
+        for i in 0..100 {
+            let room = format!("r{i}");
+            h.reserve_id(&room).unwrap();
+            h.release(&room);
+        }
+        assert!(h.last_id.is_empty(), "no per-room state left behind");
+        assert_eq!(
+            h.reserve_id("r0").unwrap(),
+            101,
+            "above every id handed out"
+        );
     }
 }
