@@ -146,7 +146,17 @@ pub struct Dispatcher {
     /// With `refuse_unkept`: messages appended since the last successful
     /// [`History::commit`], so that a failed commit can take them back.
     uncommitted: Vec<Uncommitted>,
+    rooms_listing: Option<RoomsListing>,
     pub counters: Counters,
+}
+
+/// The `rooms` answer as of one version of the tables.
+struct RoomsListing {
+    version: u64,
+    rooms: Vec<(Rc<str>, usize)>,
+    content: String,
+    /// Encoded without `ref`, shared by every request that has none.
+    frame: Frame,
 }
 
 /// A message whose record is appended but not yet durable.
@@ -165,6 +175,7 @@ impl Dispatcher {
             history,
             next_guest: 1,
             uncommitted: Vec::new(),
+            rooms_listing: None,
             counters: Counters::default(),
         }
     }
@@ -616,30 +627,77 @@ impl Dispatcher {
     }
 
     fn list_rooms(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Outbound) {
-        let mut list: Vec<protocol::RoomCount> = self
+        // The listing depends only on the tables: reuse it until a
+        // membership changes, so that clients polling `rooms` on a server
+        // with many rooms cost a lookup, not a walk over every room.
+        let version = self.tables.version();
+        if self.rooms_listing.as_ref().map(|l| l.version) != Some(version) {
+            self.rooms_listing = Some(self.build_listing(version));
+        }
+        let Some(listing) = &self.rooms_listing else {
+            return;
+        };
+        let frame = match reference {
+            None => listing.frame.clone(),
+            Some(_) => {
+                let rooms: Vec<protocol::RoomCount> = listing
+                    .rooms
+                    .iter()
+                    .map(|(room, users)| protocol::RoomCount {
+                        room,
+                        users: *users,
+                    })
+                    .collect();
+                protocol::encode_frame(&protocol::Rooms {
+                    kind: "rooms",
+                    content: &listing.content,
+                    rooms: &rooms,
+                    reference,
+                })
+            }
+        };
+        out.to(key, frame);
+    }
+
+    /// The busiest [`MAX_ROOMS_LISTED`] rooms (ties by name), without
+    /// sorting every room: a partial selection, then a sort of the few.
+    fn build_listing(&self, version: u64) -> RoomsListing {
+        let mut all: Vec<(Rc<str>, usize)> = self
             .tables
             .iter_rooms()
-            .map(|(name, r)| protocol::RoomCount {
-                room: name,
-                users: r.members.len(),
-            })
+            .map(|(name, r)| (name.clone(), r.members.len()))
             .collect();
-        let total = list.len();
-        // Busiest first, then by name, so a capped list shows what matters.
-        list.sort_unstable_by(|a, b| b.users.cmp(&a.users).then(a.room.cmp(b.room)));
-        list.truncate(MAX_ROOMS_LISTED);
-        let content = if total > list.len() {
-            format!("{} of {total} rooms", list.len())
+        let total = all.len();
+        let order = |a: &(Rc<str>, usize), b: &(Rc<str>, usize)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+        if all.len() > MAX_ROOMS_LISTED {
+            all.select_nth_unstable_by(MAX_ROOMS_LISTED - 1, order);
+            all.truncate(MAX_ROOMS_LISTED);
+        }
+        all.sort_unstable_by(order);
+        let content = if total > all.len() {
+            format!("{} of {total} rooms", all.len())
         } else {
             format!("{total} rooms")
         };
+        let counts: Vec<protocol::RoomCount> = all
+            .iter()
+            .map(|(room, users)| protocol::RoomCount {
+                room,
+                users: *users,
+            })
+            .collect();
         let frame = protocol::encode_frame(&protocol::Rooms {
             kind: "rooms",
             content: &content,
-            rooms: &list,
-            reference,
+            rooms: &counts,
+            reference: None,
         });
-        out.to(key, frame);
+        RoomsListing {
+            version,
+            rooms: all,
+            content,
+            frame,
+        }
     }
 
     fn who(&mut self, key: ConnKey, room: &str, reference: Option<&str>, out: &mut Outbound) {
@@ -1122,9 +1180,20 @@ mod tests {
             serde_json::json!([{"room":"r","users":2},{"room":"s","users":1}])
         );
         assert_eq!(ev[0].1["ref"], "q");
+        // The cached listing follows membership changes.
+        h.send(2, r#"{"type":"join","room":"r"}"#);
+        let ev = h.send(2, r#"{"type":"rooms"}"#);
+        assert_eq!(
+            ev[0].1["rooms"],
+            serde_json::json!([{"room":"r","users":3},{"room":"s","users":1}])
+        );
+        assert!(ev[0].1.get("ref").is_none());
         let ev = h.send(2, r#"{"type":"who","room":"r"}"#);
         assert_eq!(ev[0].1["type"], "members");
-        assert_eq!(ev[0].1["users"], serde_json::json!(["alice", "bob"]));
+        assert_eq!(
+            ev[0].1["users"],
+            serde_json::json!(["alice", "bob", "carol"])
+        );
         assert_eq!(
             error_code(&h.send(2, r#"{"type":"who","room":""}"#)),
             "bad_room"

@@ -62,6 +62,9 @@ pub struct Rooms {
     members: Vec<Option<Member>>,
     names: HashMap<Rc<str>, ConnKey>,
     member_count: usize,
+    /// Bumped whenever a room's membership changes, so that answers derived
+    /// from all rooms (the `rooms` listing) can be cached until then.
+    version: u64,
 }
 
 /// What [`Rooms::join`] did.
@@ -102,6 +105,11 @@ impl Rooms {
     /// Every live room (for listings).
     pub fn iter_rooms(&self) -> impl Iterator<Item = (&Rc<str>, &Room)> {
         self.rooms.iter()
+    }
+
+    /// Changes whenever any room's membership does.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn room_count(&self) -> usize {
@@ -151,6 +159,7 @@ impl Rooms {
         };
         member.rooms.push(name.clone());
         self.rooms.entry(name).or_default().members.push(key);
+        self.version += 1;
         Joined::New
     }
 
@@ -165,6 +174,7 @@ impl Rooms {
 
     /// Remove `key` from the room's member list; drop the room if empty.
     fn detach(&mut self, key: ConnKey, room: &str) -> bool {
+        self.version += 1;
         let Some(r) = self.rooms.get_mut(room) else {
             return false;
         };

@@ -33,7 +33,7 @@ use tungstenite::Message;
 
 use crate::config::Config;
 use crate::conn::{self, Conn, Endpoint, Inbound, Phase, Upgrade};
-use crate::dispatch::{Clock, Dispatcher, Outbound, SessionRequest, Settings};
+use crate::dispatch::{Clock, Dispatcher, Outbound, Refusal, SessionRequest, Settings};
 use crate::http::{self, Head, HeadError};
 use crate::outbox::Flushed;
 use crate::protocol::{self, Frame, Limits};
@@ -605,12 +605,7 @@ impl Server {
                 let body = http::answer(200, "text/html; charset=utf-8", PAGE.as_bytes(), &[]);
                 return self.answer(key, body);
             }
-            ("/ws", false) => {
-                self.counters.reject(Reject::BadRequest);
-                let body = http::text(400, "this endpoint needs a WebSocket upgrade");
-                return self.answer(key, body);
-            }
-            ("/echo", false) if self.config.echo => {
+            ("/ws", false) | ("/echo", false) if head.path == "/ws" || self.config.echo => {
                 self.counters.reject(Reject::BadRequest);
                 let body = http::text(400, "this endpoint needs a WebSocket upgrade");
                 return self.answer(key, body);
@@ -720,10 +715,9 @@ impl Server {
         match self.dispatcher.admit(key, &req, now) {
             Ok(_) => {}
             Err(refusal) => {
-                let why = if refusal.status() == 409 {
-                    Reject::Taken
-                } else {
-                    Reject::Username
+                let why = match refusal {
+                    Refusal::Taken => Reject::Taken,
+                    Refusal::BadUsername | Refusal::BadRoom => Reject::Username,
                 };
                 return Err((why, refusal.status(), refusal.explain()));
             }
