@@ -1310,40 +1310,57 @@ mod tests {
         );
     }
 
-    /// Appends work; the group commit fails.
-    struct FailingCommit(MemoryHistory);
+    /// A memory history that fails where told to: appends, the group
+    /// commit, or reads of older pages.
+    #[derive(Default)]
+    struct Faulty {
+        inner: Option<MemoryHistory>,
+        fail_append: bool,
+        fail_commit: bool,
+        fail_before: bool,
+    }
 
-    impl History for FailingCommit {
-        fn reserve_id(&mut self, room: &str) -> Result<u64, crate::store::HistoryError> {
-            self.0.reserve_id(room)
+    type Res<T> = Result<T, crate::store::HistoryError>;
+
+    impl Faulty {
+        fn inner(&mut self) -> &mut MemoryHistory {
+            self.inner.get_or_insert_with(|| MemoryHistory::new(10))
         }
-        fn append(&mut self, room: &str, m: Kept) -> Result<(), crate::store::HistoryError> {
-            self.0.append(room, m)
+        fn fail<T>(what: &str) -> Res<T> {
+            Err(std::io::Error::other(what.to_string()).into())
         }
-        fn last(&mut self, room: &str, n: usize) -> Result<Vec<Kept>, crate::store::HistoryError> {
-            self.0.last(room, n)
+    }
+
+    impl History for Faulty {
+        fn reserve_id(&mut self, room: &str) -> Res<u64> {
+            self.inner().reserve_id(room)
         }
-        fn after(
-            &mut self,
-            room: &str,
-            s: u64,
-            n: usize,
-        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
-            self.0.after(room, s, n)
+        fn append(&mut self, room: &str, m: Kept) -> Res<()> {
+            if self.fail_append {
+                return Self::fail("disk full");
+            }
+            self.inner().append(room, m)
         }
-        fn before(
-            &mut self,
-            room: &str,
-            b: Option<u64>,
-            n: usize,
-        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
-            self.0.before(room, b, n)
+        fn last(&mut self, room: &str, n: usize) -> Res<Vec<Kept>> {
+            self.inner().last(room, n)
+        }
+        fn after(&mut self, room: &str, since: u64, n: usize) -> Res<Vec<Kept>> {
+            self.inner().after(room, since, n)
+        }
+        fn before(&mut self, room: &str, before: Option<u64>, n: usize) -> Res<Vec<Kept>> {
+            if self.fail_before {
+                return Self::fail("unreadable");
+            }
+            self.inner().before(room, before, n)
         }
         fn release(&mut self, room: &str) {
-            self.0.release(room)
+            self.inner().release(room)
         }
-        fn commit(&mut self) -> Result<(), crate::store::HistoryError> {
-            Err(std::io::Error::other("fdatasync failed").into())
+        fn commit(&mut self) -> Res<()> {
+            if self.fail_commit {
+                return Self::fail("fdatasync failed");
+            }
+            Ok(())
         }
     }
 
@@ -1352,7 +1369,13 @@ mod tests {
         let mut strict = settings();
         strict.refuse_unkept = true;
         let mut h = Harness {
-            d: Dispatcher::new(strict, Box::new(FailingCommit(MemoryHistory::new(10)))),
+            d: Dispatcher::new(
+                strict,
+                Box::new(Faulty {
+                    fail_commit: true,
+                    ..Faulty::default()
+                }),
+            ),
             out: Outbound::default(),
         };
         h.connect(0, "alice", "r");
@@ -1377,44 +1400,20 @@ mod tests {
         assert_eq!(h.d.counters.messages, 0);
     }
 
-    struct FailingHistory;
-
-    impl History for FailingHistory {
-        fn reserve_id(&mut self, _: &str) -> Result<u64, crate::store::HistoryError> {
-            Ok(1)
-        }
-        fn append(&mut self, _: &str, _: Kept) -> Result<(), crate::store::HistoryError> {
-            Err(std::io::Error::other("disk full").into())
-        }
-        fn last(&mut self, _: &str, _: usize) -> Result<Vec<Kept>, crate::store::HistoryError> {
-            Ok(Vec::new())
-        }
-        fn after(
-            &mut self,
-            _: &str,
-            _: u64,
-            _: usize,
-        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
-            Ok(Vec::new())
-        }
-        fn before(
-            &mut self,
-            _: &str,
-            _: Option<u64>,
-            _: usize,
-        ) -> Result<Vec<Kept>, crate::store::HistoryError> {
-            Err(std::io::Error::other("unreadable").into())
-        }
-        fn release(&mut self, _: &str) {}
-    }
-
     #[test]
     fn store_failures_follow_the_durability_setting() {
         let mut strict = settings();
         strict.refuse_unkept = true;
         for (settings, refused) in [(settings(), false), (strict, true)] {
             let mut h = Harness {
-                d: Dispatcher::new(settings, Box::new(FailingHistory)),
+                d: Dispatcher::new(
+                    settings,
+                    Box::new(Faulty {
+                        fail_append: true,
+                        fail_before: true,
+                        ..Faulty::default()
+                    }),
+                ),
                 out: Outbound::default(),
             };
             h.connect(0, "alice", "r");

@@ -15,13 +15,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::{upgrade_request, Client, TestServer, DEADLINE};
+use common::{remaining, upgrade_request, Bin, Client, TestServer, DEADLINE};
 use loopchat::Config;
 use serde_json::{json, Value};
 use tungstenite::Message;
@@ -193,156 +192,7 @@ fn unlimited_rate() -> Config {
     c
 }
 
-fn remaining(deadline: Instant) -> Duration {
-    let left = deadline.saturating_duration_since(Instant::now());
-    assert!(!left.is_zero(), "test deadline passed");
-    left
-}
-
 // ---- helpers: the binary -----------------------------------------------
-
-/// A running `loopchat` binary; SIGKILLed and reaped when dropped.
-struct Bin {
-    child: Child,
-    port: u16,
-    /// Its stderr, line by line; disconnects when the process has exited.
-    lines: Receiver<String>,
-}
-
-impl Bin {
-    /// Start the binary on an ephemeral port, history in memory, and wait
-    /// for its "listening on" line. With `nofile`, both the soft and the
-    /// hard open-file limit are set to it in the child before exec (the
-    /// server raises its soft limit to the hard one, so both must be low).
-    fn start(args: &[&str], nofile: Option<u64>, deadline: Instant) -> Bin {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loopchat"));
-        cmd.args(["--listen", "127.0.0.1:0", "--no-persist"])
-            .args(args)
-            .env_remove("LOOPCHAT_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(n) = nofile {
-            use std::os::unix::process::CommandExt;
-            let lim = libc::rlimit {
-                rlim_cur: n as libc::rlim_t,
-                rlim_max: n as libc::rlim_t,
-            };
-            // SAFETY: runs in the forked child before exec and only calls
-            // setrlimit, which is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = cmd.spawn().expect("spawn loopchat");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("  [server] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut bin = Bin {
-            child,
-            port: 0,
-            lines,
-        };
-        let line = bin.wait_line("listening line", deadline, |l| {
-            l.contains("listening on ws://127.0.0.1:")
-        });
-        let rest = line
-            .split("listening on ws://127.0.0.1:")
-            .nth(1)
-            .expect("port");
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        bin.port = digits.parse().expect("port in the listening line");
-        bin
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!("ws://127.0.0.1:{}/ws?{query}", self.port)
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("pid fits")
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: signalling our own child by its pid.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    /// Skip stderr lines until one satisfies `pred`.
-    fn wait_line(&mut self, what: &str, deadline: Instant, pred: impl Fn(&str) -> bool) -> String {
-        loop {
-            match self.lines.recv_timeout(remaining(deadline)) {
-                Ok(line) if pred(&line) => return line,
-                Ok(_) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "server exited waiting for {what}: {:?}",
-                        self.child.try_wait()
-                    )
-                }
-                Err(RecvTimeoutError::Timeout) => panic!("deadline passed waiting for {what}"),
-            }
-        }
-    }
-
-    /// The next stderr line, if one arrives within `wait`.
-    fn try_line(&self, wait: Duration) -> Option<String> {
-        self.lines.recv_timeout(wait).ok()
-    }
-
-    /// Wait for the process to exit (its stderr closes), collecting the
-    /// remaining lines.
-    fn wait_exit(&mut self, deadline: Instant) -> (ExitStatus, Vec<String>) {
-        let mut rest = Vec::new();
-        loop {
-            match self.lines.recv_timeout(remaining(deadline)) {
-                Ok(line) => rest.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!("server did not exit by the deadline"),
-            }
-        }
-        (self.child.wait().expect("wait"), rest)
-    }
-
-    /// CPU time (user + system) the process has used so far.
-    fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
-        // Fields after the command name (which may hold spaces) start at
-        // field 3; utime and stime are fields 14 and 15.
-        let after = stat.rsplit_once(')').expect("stat format").1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 =
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_millis(ticks * 1000 / hz)
-    }
-}
-
-impl Drop for Bin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A temporary file, removed when dropped.
 struct TempFile(std::path::PathBuf);
@@ -920,7 +770,13 @@ fn stats_when_free(server: &TestServer) -> Value {
 fn fd_exhaustion_does_not_spin_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let bin = Bin::start(
-        &["--max-connections", "1000", "--log-level", "info"],
+        &[
+            "--no-persist",
+            "--max-connections",
+            "1000",
+            "--log-level",
+            "info",
+        ],
         Some(64),
         deadline,
     );
@@ -1103,7 +959,7 @@ fn auth_file_in_the_binary() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let file = TempFile::new("auth", "# tokens\ns3cret-carol carol\n\nother-dave dave\n");
     let path = file.0.to_str().expect("utf-8 temp path");
-    let bin = Bin::start(&["--auth-file", path], None, deadline);
+    let bin = Bin::start(&["--no-persist", "--auth-file", path], None, deadline);
     let (status, _) = common::http(bin.addr(), upgrade_request("/ws", "").as_bytes());
     assert_eq!(status, 401);
     let (status, _) = common::http(
@@ -1154,7 +1010,11 @@ fn shutdown_sends_1001_to_everyone() {
 #[test]
 fn sigterm_closes_1001_and_exits_0() {
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut bin = Bin::start(&["--shutdown-grace-ms", "5000"], None, deadline);
+    let mut bin = Bin::start(
+        &["--no-persist", "--shutdown-grace-ms", "5000"],
+        None,
+        deadline,
+    );
     let clients: Vec<Client> = (0..3)
         .map(|i| {
             let mut c = Client::connect(&bin.url(&format!("username=s{i}")));
@@ -1182,7 +1042,11 @@ fn sigterm_closes_1001_and_exits_0() {
 #[test]
 fn second_signal_exits_at_once() {
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut bin = Bin::start(&["--shutdown-grace-ms", "60000"], None, deadline);
+    let mut bin = Bin::start(
+        &["--no-persist", "--shutdown-grace-ms", "60000"],
+        None,
+        deadline,
+    );
     // Upgraded by hand and never read: it will not answer the close.
     let _deaf = raw_session(bin.addr(), "/ws?username=deaf");
     let mut ok = Client::connect(&bin.url("username=ok"));
@@ -1217,6 +1081,7 @@ fn stale_handshake_deadline_spares_the_slot_reuser() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut bin = Bin::start(
         &[
+            "--no-persist",
             "--handshake-timeout-ms",
             &TIMEOUT_MS.to_string(),
             "--log-level",

@@ -8,11 +8,14 @@
 //! Every child process is killed if a test fails or overruns its deadline
 //! (the guard's Drop), and nothing sleeps: waits are on pipes with timeouts.
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use common::Bin;
 use serde_json::Value;
 
 /// Upper bound for any one step; the tool's own --duration-s is lower.
@@ -29,44 +32,21 @@ impl Drop for Reaped {
 }
 
 /// A server on an ephemeral port: its guard, WebSocket URL and pid.
-fn start_server() -> (Reaped, String, u32) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loopchat"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
+fn start_server() -> (Bin, String, u32) {
+    let bin = Bin::start(
+        &[
             "--no-persist",
             "--rate-per-s",
             "100000",
             "--rate-burst",
             "100000",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start loopchat");
-    let stderr = child.stderr.take().expect("server stderr");
-    let pid = child.id();
-    let guard = Reaped(child);
-    let (tx, rx) = mpsc::channel();
-    // Keep draining stderr for the server's whole life: a full pipe would
-    // block its logging and so its loop.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(at) = line.find("listening on ws://") {
-                let url: String = line[at + "listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .into();
-                let _ = tx.send(url);
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(DEADLINE)
-        .expect("server did not report its address");
-    (guard, url, pid)
+        ],
+        None,
+        Instant::now() + DEADLINE,
+    );
+    let url = format!("ws://{}/ws", bin.addr());
+    let pid = bin.child.id();
+    (bin, url, pid)
 }
 
 /// Runs the load tool to completion (or kills it at the deadline) and

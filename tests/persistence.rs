@@ -7,14 +7,15 @@
 //! timeouts, no fixed sleeps), and kills its servers when it ends, even on
 //! a failed assertion (the [`Server`] guard).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use common::{remaining, Bin};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
@@ -49,82 +50,33 @@ impl Drop for TempDir {
     }
 }
 
-/// A running `loopchat`; killed (SIGKILL) and reaped when dropped.
+/// A running `loopchat` with a data dir; killed (SIGKILL) when dropped.
 struct Server {
-    child: Child,
+    bin: Bin,
     port: u16,
-    /// Stderr lines; disconnects when the process has exited.
-    lines: Receiver<String>,
 }
 
 impl Server {
     /// Starts the binary on an ephemeral port with `data` as its data dir
     /// and waits for its "listening on" line.
     fn start(data: &Path, args: &[&str], deadline: Instant) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_loopchat"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn loopchat");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("  [server] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut server = Server {
-            child,
-            port: 0,
-            lines,
-        };
-        loop {
-            let line = server.next_line(deadline).unwrap_or_else(|| {
-                panic!(
-                    "server exited before listening: {:?}",
-                    server.child.try_wait()
-                )
-            });
-            if let Some(rest) = line.split("listening on ws://127.0.0.1:").nth(1) {
-                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                server.port = digits.parse().expect("port in the listening line");
-                return server;
-            }
-        }
-    }
-
-    /// The next stderr line, or `None` once the process closed stderr.
-    fn next_line(&self, deadline: Instant) -> Option<String> {
-        match self.lines.recv_timeout(remaining(deadline)) {
-            Ok(line) => Some(line),
-            Err(RecvTimeoutError::Disconnected) => None,
-            Err(RecvTimeoutError::Timeout) => panic!("deadline passed waiting for the server"),
-        }
+        let data = data.to_str().expect("temp dir path is UTF-8");
+        let mut all = vec!["--data-dir", data];
+        all.extend_from_slice(args);
+        let bin = Bin::start(&all, None, deadline);
+        let port = bin.port;
+        Server { bin, port }
     }
 
     /// `kill -9`: no shutdown code runs, as in a crash.
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill9(self) {
+        drop(self.bin);
     }
 
-    /// SIGTERM, then wait until it has exited (its stderr closes).
+    /// SIGTERM, then wait until it has exited.
     fn stop(mut self, deadline: Instant) {
-        let pid = libc_pid(&self.child);
-        // SAFETY: signalling our own child by its pid.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        while self.next_line(deadline).is_some() {}
-        let status = self.child.wait().expect("wait");
+        self.bin.signal(libc::SIGTERM);
+        let (status, _) = self.bin.wait_exit(deadline);
         assert!(status.success(), "clean shutdown exits 0, got {status}");
     }
 
@@ -147,23 +99,6 @@ impl Server {
         let text = String::from_utf8_lossy(&head);
         text[9..12].parse().expect("status code")
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn libc_pid(child: &Child) -> i32 {
-    i32::try_from(child.id()).expect("pid fits")
-}
-
-fn remaining(deadline: Instant) -> Duration {
-    let left = deadline.saturating_duration_since(Instant::now());
-    assert!(!left.is_zero(), "test deadline passed");
-    left
 }
 
 /// A blocking WebSocket client whose reads time out at the test deadline.

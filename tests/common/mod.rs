@@ -3,8 +3,10 @@
 //! HTTP requests.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -279,4 +281,161 @@ pub fn masked_text(text: &str) -> Vec<u8> {
     f.extend_from_slice(&mask);
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     f
+}
+
+/// Time left until `deadline`; fails the test once it has passed.
+pub fn remaining(deadline: Instant) -> Duration {
+    let left = deadline.saturating_duration_since(Instant::now());
+    assert!(!left.is_zero(), "test deadline passed");
+    left
+}
+
+// ---- the binary ------------------------------------------------------------
+
+/// A running `loopchat` binary; SIGKILLed and reaped when dropped.
+pub struct Bin {
+    pub child: Child,
+    pub port: u16,
+    /// Its stderr, line by line; disconnects when the process has exited.
+    lines: Receiver<String>,
+}
+
+impl Bin {
+    /// Start the binary on an ephemeral port with `args` and wait for its
+    /// "listening on" line. With `nofile`, both the soft and the hard
+    /// open-file limit are set to it in the child before exec (the server
+    /// raises its soft limit to the hard one, so both must be low).
+    pub fn start(args: &[&str], nofile: Option<u64>, deadline: Instant) -> Bin {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loopchat"));
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("LOOPCHAT_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: runs in the forked child before exec and only calls
+            // setrlimit, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn loopchat");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("  [server] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut bin = Bin {
+            child,
+            port: 0,
+            lines,
+        };
+        let line = bin.wait_line("listening line", deadline, |l| {
+            l.contains("listening on ws://127.0.0.1:")
+        });
+        let rest = line
+            .split("listening on ws://127.0.0.1:")
+            .nth(1)
+            .expect("port");
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        bin.port = digits.parse().expect("port in the listening line");
+        bin
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn url(&self, query: &str) -> String {
+        format!("ws://127.0.0.1:{}/ws?{query}", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits")
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: signalling our own child by its pid.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Skip stderr lines until one satisfies `pred`.
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        loop {
+            match self.lines.recv_timeout(remaining(deadline)) {
+                Ok(line) if pred(&line) => return line,
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "server exited waiting for {what}: {:?}",
+                        self.child.try_wait()
+                    )
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("deadline passed waiting for {what}"),
+            }
+        }
+    }
+
+    /// The next stderr line, if one arrives within `wait`.
+    pub fn try_line(&self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
+    /// Wait for the process to exit (its stderr closes), collecting the
+    /// remaining lines.
+    pub fn wait_exit(&mut self, deadline: Instant) -> (ExitStatus, Vec<String>) {
+        let mut rest = Vec::new();
+        loop {
+            match self.lines.recv_timeout(remaining(deadline)) {
+                Ok(line) => rest.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("server did not exit by the deadline"),
+            }
+        }
+        (self.child.wait().expect("wait"), rest)
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("stat");
+        // Fields after the command name (which may hold spaces) start at
+        // field 3; utime and stime are fields 14 and 15.
+        let after = stat.rsplit_once(')').expect("stat format").1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+}
+
+impl Drop for Bin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

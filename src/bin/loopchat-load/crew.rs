@@ -122,6 +122,31 @@ pub struct Crew<R> {
     pub threads: usize,
 }
 
+impl<S: Send + 'static> Crew<Result<S, String>> {
+    /// [`Crew::spawn`] for a scenario: each worker runs `body` with its own
+    /// copy of the options, and a worker that fails says so with
+    /// [`Note::Fatal`] before it ends, so the run can stop early.
+    pub fn spawn_scenario<O, F>(
+        threads: usize,
+        senders: usize,
+        options: &O,
+        body: F,
+    ) -> Result<Self, RunError>
+    where
+        O: Clone + Send + Sync + 'static,
+        F: Fn(&Worker, &O) -> Result<S, String> + Send + Sync + 'static,
+    {
+        let options = options.clone();
+        Crew::spawn(threads, senders, move |w| {
+            let r = body(w, &options);
+            if let Err(why) = &r {
+                w.note(Note::Fatal(why.clone()));
+            }
+            r
+        })
+    }
+}
+
 impl<R: Send + 'static> Crew<R> {
     /// Starts `threads` workers running `body` and waits until each has its
     /// loop (and waker) ready.

@@ -364,14 +364,7 @@ fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
 
 pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     let before = probe.sample();
-    let opts = o.clone();
-    let mut crew = Crew::spawn(o.threads, o.senders as usize, move |w| {
-        let r = worker(w, &opts);
-        if let Err(why) = &r {
-            w.note(Note::Fatal(why.clone()));
-        }
-        r
-    })?;
+    let mut crew = Crew::spawn_scenario(o.threads, o.senders as usize, o, worker)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(o.duration_s);
     let mut progress = crate::progress(o);
