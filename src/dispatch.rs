@@ -162,6 +162,7 @@ struct RoomsListing {
 /// A message whose record is appended but not yet durable.
 struct Uncommitted {
     sender: ConnKey,
+    room: Rc<str>,
     reference: Option<Box<str>>,
     /// The broadcast and, when the sender gave a `ref`, its own copy.
     frames: [Option<Frame>; 2],
@@ -280,6 +281,16 @@ impl Dispatcher {
                 u.reference.as_deref(),
                 out,
             );
+        }
+    }
+
+    /// Before serving stored messages of `room`: if some of them were
+    /// appended in this iteration and are not yet durable (`--fsync
+    /// always`), commit now, so that an answer never carries a message the
+    /// store may still refuse. An extra sync, only in this case.
+    fn commit_before_reading(&mut self, room: &str, out: &mut Outbound) {
+        if self.uncommitted.iter().any(|u| &*u.room == room) {
+            self.commit(out);
         }
     }
 
@@ -478,6 +489,7 @@ impl Dispatcher {
         if self.settings.refuse_unkept {
             self.uncommitted.push(Uncommitted {
                 sender: key,
+                room: room.clone(),
                 reference: reference.map(Into::into),
                 frames: [Some(shared.clone()), own.clone()],
             });
@@ -509,6 +521,7 @@ impl Dispatcher {
             let text = format!("you are in {max_rooms} rooms already; leave one first");
             return self.error(key, ErrorCode::TooManyRooms, &text, reference, out);
         }
+        self.commit_before_reading(room, out);
         // One more than the cap is asked for, to know whether there is more.
         let (backlog, failure) = match since {
             Some(since) => self
@@ -735,6 +748,7 @@ impl Dispatcher {
         let limit = limit
             .map_or(self.settings.limits.history_limit as u64, |l| l)
             .min(MAX_HISTORY_PAGE as u64) as usize;
+        self.commit_before_reading(room, out);
         let kept = match self.history.before(room, before, limit) {
             Ok(kept) => kept,
             Err(e) => {
@@ -1397,6 +1411,36 @@ mod tests {
         assert_eq!(types(&ev), vec![(1, "rooms".into()), (0, "error".into())]);
         assert_eq!(ev[1].1["code"], "history_unavailable");
         assert_eq!(ev[1].1["ref"], "m1");
+        assert_eq!(h.d.counters.messages, 0);
+    }
+
+    #[test]
+    fn reading_a_room_commits_its_pending_messages_first() {
+        let mut strict = settings();
+        strict.refuse_unkept = true;
+        let mut h = Harness {
+            d: Dispatcher::new(
+                strict,
+                Box::new(Faulty {
+                    fail_commit: true,
+                    ..Faulty::default()
+                }),
+            ),
+            out: Outbound::default(),
+        };
+        h.connect(0, "alice", "r");
+        // A message and a history read in one batch: the read commits
+        // first, so the refusal comes before the answer.
+        h.d.handle_text(
+            0,
+            r#"{"type":"message","content":"x","ref":"m"}"#,
+            NOW,
+            &mut h.out,
+        );
+        h.d.handle_text(0, r#"{"type":"history","room":"r"}"#, NOW, &mut h.out);
+        let ev = h.take();
+        assert_eq!(types(&ev), vec![(0, "error".into()), (0, "history".into())]);
+        assert_eq!(ev[0].1["ref"], "m");
         assert_eq!(h.d.counters.messages, 0);
     }
 
