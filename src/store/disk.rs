@@ -244,16 +244,17 @@ fn segment_messages_for(retain: u64) -> u64 {
 }
 
 /// A room's id reservation file and how far it is known to be durable.
+/// The file is not kept open: it is opened, written (and synced, or handed
+/// to the syncer) and closed once per reservation block of [`ID_BLOCK`] ids.
 struct Reservation {
-    /// Open while the room is live; reopened on demand.
-    file: Option<File>,
     /// The value last written to the file (maybe not yet synced). Shared
     /// with the syncer, which reads it right before syncing.
     written: Arc<AtomicU64>,
     /// Ids below this are covered by a synced reservation: only those may be
     /// handed out. Raised by the syncer or by [`History::commit`].
     durable: Arc<AtomicU64>,
-    /// The file is queued on the syncer (see [`syncer::Job::queued`]).
+    /// A descriptor of the file is queued on the syncer (see
+    /// [`syncer::Job::queued`]).
     queued: Arc<AtomicBool>,
     /// `--fsync always`: the file is to be synced at the next commit.
     pending_commit: bool,
@@ -263,7 +264,58 @@ struct Reservation {
 struct Writer {
     /// Opened with `O_APPEND`: every record is one `write` at the end.
     file: File,
+    /// The segment's [`Segment::sync_queued`].
     queued: Arc<AtomicBool>,
+}
+
+/// Records of a failed commit that are still in a segment file because it
+/// could not be cut back yet: the file of segment `first_id` is cut to `len`
+/// bytes before anything else is appended to the room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PendingCut {
+    first_id: u64,
+    len: u64,
+}
+
+/// Test-only fault injection: the next writes, syncs or cuts of a room (or
+/// the store's directory syncs) fail while a flag is set. Empty otherwise.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    #[cfg(test)]
+    write: bool,
+    #[cfg(test)]
+    sync: bool,
+    #[cfg(test)]
+    cut: bool,
+    #[cfg(test)]
+    dir_sync: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Fault {
+    Write,
+    Sync,
+    Cut,
+    DirSync,
+}
+
+impl Faults {
+    fn check(&self, which: Fault) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            let on = match which {
+                Fault::Write => self.write,
+                Fault::Sync => self.sync,
+                Fault::Cut => self.cut,
+                Fault::DirSync => self.dir_sync,
+            };
+            if on {
+                return Err(io::Error::other("injected failure"));
+            }
+        }
+        let _ = which;
+        Ok(())
+    }
 }
 
 /// The newest messages of a live room, a contiguous suffix of its log.
@@ -303,9 +355,12 @@ struct Room {
     uncommitted: Option<Uncommitted>,
     /// `--fsync always`: listed in [`DiskHistory::dirty`].
     in_dirty: bool,
-    /// A failed commit could not cut its records off yet: the next reopen
-    /// of the writer does.
-    cut_to: Option<u64>,
+    /// A failed commit could not cut its records off yet: the next append
+    /// reopens that segment and cuts it first (and never rolls before).
+    cut_to: Option<PendingCut>,
+    /// The room directory is queued on the syncer (a new segment's entry).
+    dir_queued: Arc<AtomicBool>,
+    faults: Faults,
     /// Torn records cut since the last look (moved into the store counter).
     torn: u64,
     /// Released while it had uncommitted records: close its files after the
@@ -342,8 +397,7 @@ impl Room {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        let file = File::options()
-            .read(true)
+        File::options()
             .write(true)
             .create(true)
             .truncate(false)
@@ -354,7 +408,6 @@ impl Room {
             dir,
             next_id: 1,
             res: Reservation {
-                file: Some(file),
                 written: Arc::new(AtomicU64::new(0)),
                 durable: Arc::new(AtomicU64::new(0)),
                 queued: Arc::new(AtomicBool::new(false)),
@@ -368,6 +421,8 @@ impl Room {
             uncommitted: None,
             in_dirty: false,
             cut_to: None,
+            dir_queued: Arc::new(AtomicBool::new(false)),
+            faults: Faults::default(),
             torn: 0,
             close_after_commit: false,
         })
@@ -441,7 +496,6 @@ impl Room {
             dir,
             next_id,
             res: Reservation {
-                file: None,
                 // Recovery read `next_id` from the file but cannot know it
                 // was synced: the first id handed out syncs a new block.
                 written: Arc::new(AtomicU64::new(next_id)),
@@ -457,6 +511,8 @@ impl Room {
             uncommitted: None,
             in_dirty: false,
             cut_to: None,
+            dir_queued: Arc::new(AtomicBool::new(false)),
+            faults: Faults::default(),
             torn: 0,
             close_after_commit: false,
         };
@@ -464,28 +520,17 @@ impl Room {
         Ok((room, found))
     }
 
-    fn res_file(&mut self) -> io::Result<&File> {
-        if self.res.file.is_none() {
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(self.dir.join(RESERVATION_FILE))?;
-            self.res.file = Some(file);
-        }
-        self.res
-            .file
-            .as_ref()
-            .ok_or_else(|| io::Error::other("reservation file not open"))
-    }
-
     /// Writes `value` over the reservation file (fixed width, one sector:
     /// a crash leaves the old or the new number) and, when `sync`, makes it
-    /// durable before returning.
-    fn write_reservation(&mut self, value: u64, sync: bool) -> io::Result<()> {
+    /// durable before returning. Returns the descriptor it opened, for the
+    /// caller to hand to the syncer or to close.
+    fn write_reservation(&mut self, value: u64, sync: bool) -> io::Result<File> {
         let text = format!("{value:020}\n");
-        let file = self.res_file()?;
+        let file = File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.join(RESERVATION_FILE))?;
         file.write_all_at(text.as_bytes(), 0)?;
         if sync {
             file.sync_data()?;
@@ -494,7 +539,13 @@ impl Room {
         if sync {
             self.res.durable.fetch_max(value, Ordering::SeqCst);
         }
-        Ok(())
+        Ok(file)
+    }
+
+    /// `--fsync always`: syncs the reservation file at commit (by path: a
+    /// sync on any descriptor flushes the file).
+    fn sync_reservation(&self) -> io::Result<()> {
+        File::open(self.dir.join(RESERVATION_FILE))?.sync_data()
     }
 
     fn reserve_id(&mut self, fx: &mut Effects<'_>, s: Settings) -> io::Result<u64> {
@@ -508,7 +559,7 @@ impl Room {
             let target = id
                 .saturating_add(ID_BLOCK)
                 .max(self.res.written.load(Ordering::SeqCst));
-            self.write_reservation(target, true)?;
+            drop(self.write_reservation(target, true)?);
         }
         self.next_id = id + 1;
 
@@ -519,7 +570,7 @@ impl Room {
         if durable.saturating_sub(self.next_id) < ID_BLOCK / 2 && written <= durable {
             let target = durable.saturating_add(ID_BLOCK);
             match self.write_reservation(target, false) {
-                Ok(()) => self.queue_reservation_sync(fx, s),
+                Ok(file) => self.queue_reservation_sync(file, fx, s),
                 // Not fatal: the id above is covered; the next exhaustion
                 // retries synchronously and reports.
                 Err(e) => log::warn!("{}: cannot extend id reservation: {e}", self.dir.display()),
@@ -528,27 +579,20 @@ impl Room {
         Ok(id)
     }
 
-    fn queue_reservation_sync(&mut self, fx: &mut Effects<'_>, s: Settings) {
+    /// Makes the reservation just written through `file` durable off the
+    /// loop: at the next commit (`always`), or by the syncer, which is handed
+    /// `file` and closes it after the sync. Otherwise `file` is closed here.
+    fn queue_reservation_sync(&mut self, file: File, fx: &mut Effects<'_>, s: Settings) {
         if s.fsync == Fsync::Always {
             self.res.pending_commit = true;
             return;
         }
         let Some(syncer) = fx.syncer else { return };
+        // Already queued: that sync reads `written` when it runs, so it
+        // covers this write too.
         if self.res.queued.swap(true, Ordering::SeqCst) {
             return;
         }
-        let file = match self.res.file.as_ref().map(File::try_clone) {
-            Some(Ok(file)) => file,
-            Some(Err(e)) => {
-                log::warn!("{}: cannot queue reservation sync: {e}", self.dir.display());
-                self.res.queued.store(false, Ordering::SeqCst);
-                return;
-            }
-            None => {
-                self.res.queued.store(false, Ordering::SeqCst);
-                return;
-            }
-        };
         syncer.queue(Job {
             file,
             queued: Arc::clone(&self.res.queued),
@@ -564,6 +608,12 @@ impl Room {
     /// is dropped and the next append cuts the file back to its last whole
     /// record before writing.
     fn append(&mut self, msg: Kept, fx: &mut Effects<'_>, s: Settings) -> io::Result<()> {
+        if self.cut_to.is_some() {
+            // A failed commit's records are still in the file: cut them off
+            // first, in the segment they are in; until that works nothing
+            // is appended (and no new segment started past them).
+            self.reopen_writer()?;
+        }
         let full = match self.segments.last() {
             None => true,
             Some(seg) => {
@@ -597,7 +647,11 @@ impl Room {
             line.extend_from_slice(json.as_bytes());
         }
         line.push(b'\n');
-        if let Err(e) = writer.file.write_all(&line) {
+        let written = self
+            .faults
+            .check(Fault::Write)
+            .and_then(|()| writer.file.write_all(&line));
+        if let Err(e) = written {
             self.writer = None;
             return Err(e);
         }
@@ -633,23 +687,35 @@ impl Room {
         let path = self.dir.join(segment::file_name(first_id));
         let file = File::options().create(true).append(true).open(&path)?;
         let len = file.metadata()?.len();
-        self.segments.push(Segment::new(first_id, path));
+        let seg = Segment::new(first_id, path);
+        let queued = Arc::clone(&seg.sync_queued);
+        self.segments.push(seg);
         self.seg_len = len;
-        self.writer = Some(Writer {
-            file,
-            queued: Arc::new(AtomicBool::new(false)),
-        });
+        self.writer = Some(Writer { file, queued });
         // The new file's directory entry must be durable too, or a crash can
-        // lose the whole file although its data was synced.
+        // lose the whole file although its data was synced. One pending
+        // directory sync per room covers every entry made before it runs.
         match s.fsync {
-            Fsync::Always => fx.dir_syncs.push(self.dir.clone()),
+            Fsync::Always => {
+                if !fx.dir_syncs.contains(&self.dir) {
+                    fx.dir_syncs.push(self.dir.clone());
+                }
+            }
             Fsync::Everysec => {
-                if let (Some(syncer), Ok(dir)) = (fx.syncer, File::open(&self.dir)) {
-                    syncer.queue(Job {
-                        file: dir,
-                        queued: Arc::new(AtomicBool::new(true)),
-                        mark: None,
-                    });
+                if let Some(syncer) = fx.syncer {
+                    if !self.dir_queued.swap(true, Ordering::SeqCst) {
+                        match File::open(&self.dir) {
+                            Ok(dir) => syncer.queue(Job {
+                                file: dir,
+                                queued: Arc::clone(&self.dir_queued),
+                                mark: None,
+                            }),
+                            Err(e) => {
+                                log::warn!("{}: cannot queue a sync: {e}", self.dir.display());
+                                self.dir_queued.store(false, Ordering::SeqCst);
+                            }
+                        }
+                    }
                 }
             }
             Fsync::Never => {}
@@ -658,31 +724,46 @@ impl Room {
     }
 
     /// Opens the current segment for appending after a restart or a failed
-    /// write. A failed commit left `cut_to`: records to drop. Otherwise the
-    /// file's end is checked as at recovery (the file, not our bookkeeping,
-    /// is the truth: an operator may have replaced it): a partial record
-    /// left by a write that failed midway is cut off.
+    /// write. A failed commit may have left `cut_to`: records to cut off
+    /// first, in the segment they were written to (checked by its first
+    /// id; it is the current one, as nothing rolls while a cut is pending).
+    /// Then the file's end is checked as at recovery (the file, not our
+    /// bookkeeping, is the truth: an operator may have replaced it): a
+    /// partial record left by a write that failed midway is cut off.
     fn reopen_writer(&mut self) -> io::Result<()> {
+        if let Some(cut) = self.cut_to {
+            match self
+                .segments
+                .iter_mut()
+                .find(|s| s.first_id == cut.first_id)
+            {
+                Some(seg) => {
+                    self.faults.check(Fault::Cut)?;
+                    let file = File::options().write(true).open(&seg.path)?;
+                    cut_back(&file, cut.len, &seg.path)?;
+                    seg.read_cap = None;
+                    seg.drop_index();
+                }
+                None => log::warn!(
+                    "{}: segment {} to cut back is gone",
+                    self.dir.display(),
+                    cut.first_id
+                ),
+            }
+            self.cut_to = None;
+        }
         let Some(seg) = self.segments.last_mut() else {
             return Err(io::Error::other("room has no segment"));
         };
         let file = File::options().create(true).append(true).open(&seg.path)?;
-        if let Some(len) = self.cut_to {
-            if file.metadata()?.is_file() {
-                file.set_len(len)?;
-            }
-            self.cut_to = None;
-            self.seg_len = len;
-        } else {
-            let check = segment::recover_tail(&seg.path)?;
-            self.torn += u64::from(check.torn_bytes > 0);
-            self.seg_len = check.len;
-        }
+        let check = segment::recover_tail(&seg.path)?;
+        self.torn += u64::from(check.torn_bytes > 0);
+        self.seg_len = check.len;
         // The file may not be what was indexed any more.
         seg.drop_index();
         self.writer = Some(Writer {
             file,
-            queued: Arc::new(AtomicBool::new(false)),
+            queued: Arc::clone(&seg.sync_queued),
         });
         Ok(())
     }
@@ -707,33 +788,51 @@ impl Room {
             self.segments.remove(0);
             deleted += 1;
         }
+        // Ids can have gaps (a crash skips up to a block and a half), so the
+        // newest `keep` messages in memory may reach into a deleted segment:
+        // forget those too, so memory answers what the disk holds.
+        if let (Some(first), Some(tail)) = (self.segments.first(), self.tail.as_mut()) {
+            while tail.msgs.front().is_some_and(|m| m.id < first.first_id) {
+                tail.msgs.pop_front();
+            }
+        }
         deleted
     }
 
-    /// `--fsync always`, after a failed sync: forget the records appended
+    /// `--fsync always`, after a failed commit: forget the records appended
     /// since the last commit (the loop will refuse them) and cut them from
-    /// the file, now if possible, else when the writer is reopened.
+    /// the file now (through the writer, or by path when the last append
+    /// dropped it), else before the next append (and hide them from reads
+    /// meanwhile). They are all in the current segment: a room with
+    /// uncommitted records never rolls.
     fn rollback(&mut self) {
         let Some(u) = self.uncommitted.take() else {
             return;
         };
-        // Cut now if possible; else the reopened writer cuts first.
-        let cut = match self.writer.take() {
-            Some(w) => w.file.set_len(u.seg_len),
-            None => Err(io::Error::other("segment not open")),
-        };
-        if let Err(e) = cut {
-            log::warn!(
-                "{}: cannot cut back uncommitted records yet: {e}",
-                self.dir.display()
-            );
-            self.cut_to = Some(u.seg_len);
+        let writer = self.writer.take();
+        if let Some(seg) = self.segments.last_mut() {
+            let cut = self.faults.check(Fault::Cut).and_then(|()| match &writer {
+                Some(w) => cut_back(&w.file, u.seg_len, &seg.path),
+                None => File::options()
+                    .write(true)
+                    .open(&seg.path)
+                    .and_then(|f| cut_back(&f, u.seg_len, &seg.path)),
+            });
+            if let Err(e) = cut {
+                log::warn!(
+                    "{}: cannot cut back uncommitted records yet: {e}",
+                    seg.path.display()
+                );
+                self.cut_to = Some(PendingCut {
+                    first_id: seg.first_id,
+                    len: u.seg_len,
+                });
+                seg.read_cap = Some(u.seg_len);
+            }
+            seg.drop_index();
         }
         self.seg_len = u.seg_len;
         self.last_written = u.last_written;
-        if let Some(seg) = self.segments.last_mut() {
-            seg.drop_index();
-        }
         if let Some(tail) = self.tail.as_mut() {
             while tail.msgs.back().is_some_and(|m| m.id > u.last_written) {
                 tail.msgs.pop_back();
@@ -744,6 +843,7 @@ impl Room {
     /// Syncs the current segment (through the writer, or by path when the
     /// writer was dropped: a sync on any descriptor flushes the file).
     fn sync_current(&self) -> io::Result<()> {
+        self.faults.check(Fault::Sync)?;
         match (&self.writer, self.segments.last()) {
             (Some(w), _) => w.file.sync_data(),
             (None, Some(seg)) => File::open(&seg.path)?.sync_data(),
@@ -862,6 +962,21 @@ fn queue_sync(syncer: Option<&Syncer>, file: &File, queued: &Arc<AtomicBool>, di
     }
 }
 
+/// Cuts the segment at `path` (open as `file`) back to `len` bytes and
+/// syncs the cut, best effort (a failed sync is only logged: the records are
+/// gone from the file as the process sees it). Not a regular file (an
+/// operator's symlink to a device): nothing to cut.
+fn cut_back(file: &File, len: u64, path: &Path) -> io::Result<()> {
+    if !file.metadata()?.is_file() {
+        return Ok(());
+    }
+    file.set_len(len)?;
+    if let Err(e) = file.sync_data() {
+        log::warn!("{}: cannot sync a cut: {e}", path.display());
+    }
+    Ok(())
+}
+
 /// The number in a reservation file; `None` when there is none or it is
 /// unreadable (recovery then skips ahead, see [`Room::recover`]).
 fn read_reservation(path: &Path) -> io::Result<Option<u64>> {
@@ -880,6 +995,32 @@ fn read_reservation(path: &Path) -> io::Result<Option<u64>> {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its missing parents, and syncs the parent of each one
+/// created, so that a power cut soon after cannot lose the new entries.
+/// Returns the directories synced.
+fn create_dir_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.as_os_str().is_empty() || fs::symlink_metadata(d).is_ok() {
+            break;
+        }
+        missing.push(d);
+        at = d.parent();
+    }
+    fs::create_dir_all(dir)?;
+    let mut synced = Vec::new();
+    for d in missing.iter().rev() {
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        sync_dir(parent)?;
+        synced.push(parent.to_path_buf());
+    }
+    Ok(synced)
 }
 
 /// The on-disk [`History`]: see the module doc and `docs/persistence.md`.
@@ -903,6 +1044,11 @@ pub struct DiskHistory {
     segments_deleted: u64,
     /// The last append, reservation or commit failed.
     failing: bool,
+    /// Test-only fault injection for directory syncs in `commit`.
+    faults: Faults,
+    /// Tests: the directories `open` synced.
+    #[cfg(test)]
+    opened_syncs: Vec<PathBuf>,
     /// Holds the `flock` on `LOCK` for as long as the store is open.
     _lock: File,
     /// Tests: skip the clean-shutdown work in `Drop`, like `kill -9`.
@@ -927,7 +1073,7 @@ impl DiskHistory {
             dir: dir.clone(),
             source,
         };
-        fs::create_dir_all(&dir).map_err(|source| OpenError::Create {
+        let mut opened_syncs = create_dir_durable(&dir).map_err(|source| OpenError::Create {
             dir: dir.clone(),
             source,
         })?;
@@ -953,7 +1099,12 @@ impl DiskHistory {
             .and_then(|()| lock.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
             .map_err(not_writable)?;
         let rooms_dir = dir.join(ROOMS_DIR);
-        fs::create_dir_all(&rooms_dir).map_err(not_writable)?;
+        // The data dir is synced whether `rooms/` is new or not (once per
+        // start): a room's files are only as durable as this entry.
+        fs::create_dir_all(&rooms_dir)
+            .and_then(|()| sync_dir(&dir))
+            .map_err(not_writable)?;
+        opened_syncs.push(dir.clone());
         let probe = rooms_dir.join(".probe");
         File::create(&probe)
             .and_then(|mut f| f.write_all(b"probe\n"))
@@ -983,6 +1134,9 @@ impl DiskHistory {
             torn: 0,
             segments_deleted: 0,
             failing: false,
+            faults: Faults::default(),
+            #[cfg(test)]
+            opened_syncs,
             _lock: lock,
             #[cfg(test)]
             crashed: false,
@@ -1046,11 +1200,15 @@ impl DiskHistory {
     }
 }
 
+/// The longest room name, in bytes: the protocol's limit (32 chars of
+/// `[A-Za-z0-9_.-]`).
+const MAX_ROOM_NAME: usize = 32;
+
 /// Room names the store accepts: the protocol's rule is checked by the
-/// dispatcher; this only guards the file system (bounded, non-empty; the
-/// encoding keeps any byte inside the data dir).
+/// dispatcher; this only guards the file system (bounded as the protocol
+/// bounds it, non-empty; the encoding keeps any byte inside the data dir).
 fn check_room_name(room: &str) -> io::Result<()> {
-    if room.is_empty() || room.len() > 64 {
+    if room.is_empty() || room.len() > MAX_ROOM_NAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("room name of {} bytes", room.len()),
@@ -1178,13 +1336,16 @@ impl History for DiskHistory {
             return;
         };
         r.tail = None;
-        // Close its files too, so descriptors stay bounded by live rooms;
-        // unless a commit still has to sync them.
-        if r.uncommitted.is_some() || r.res.pending_commit {
+        // The sparse indexes go too: they are rebuilt by the next read.
+        for seg in &mut r.segments {
+            seg.drop_index();
+        }
+        // Close its segment too, so descriptors stay bounded by live rooms;
+        // unless a commit still has to sync it.
+        if r.uncommitted.is_some() {
             r.close_after_commit = true;
         } else {
             r.writer = None;
-            r.res.file = None;
         }
     }
 
@@ -1198,54 +1359,68 @@ impl History for DiskHistory {
         let mut files = 0;
         let mut failed = 0;
         let mut first_err = None;
-        for name in self.dirty.drain(..) {
-            let Some(r) = self.rooms.get_mut(&name) else {
+        let mut batch = std::mem::take(&mut self.dirty);
+        for name in &batch {
+            let Some(r) = self.rooms.get_mut(name) else {
                 continue;
             };
             r.in_dirty = false;
             if r.uncommitted.is_some() {
                 files += 1;
-                match r.sync_current() {
-                    Ok(()) => r.uncommitted = None,
-                    Err(e) => {
-                        log::warn!("history sync of room {name:?} failed: {e}");
-                        failed += 1;
-                        r.rollback();
-                        first_err.get_or_insert(e);
-                    }
+                if let Err(e) = r.sync_current() {
+                    log::warn!("history sync of room {name:?} failed: {e}");
+                    failed += 1;
+                    first_err.get_or_insert(e);
                 }
             }
             if r.res.pending_commit {
                 r.res.pending_commit = false;
                 files += 1;
                 let written = r.res.written.load(Ordering::SeqCst);
-                match r.res.file.as_ref().map(File::sync_data) {
-                    Some(Ok(())) => {
+                match r.sync_reservation() {
+                    Ok(()) => {
                         r.res.durable.fetch_max(written, Ordering::SeqCst);
                     }
                     // The ids already handed out are covered; the next
                     // exhaustion syncs on the spot and reports.
-                    Some(Err(e)) => {
+                    Err(e) => {
                         log::warn!("history reservation sync of room {name:?} failed: {e}");
                         failed += 1;
                     }
-                    None => {}
                 }
-            }
-            if r.close_after_commit {
-                r.close_after_commit = false;
-                r.writer = None;
-                r.res.file = None;
             }
         }
         for dir in self.dir_syncs.drain(..) {
             files += 1;
-            if let Err(e) = sync_dir(&dir) {
+            let synced = self
+                .faults
+                .check(Fault::DirSync)
+                .and_then(|()| sync_dir(&dir));
+            if let Err(e) = synced {
                 log::warn!("history sync of {} failed: {e}", dir.display());
                 failed += 1;
                 first_err.get_or_insert(e);
             }
         }
+        // All or nothing: an error makes the loop refuse every message of
+        // the batch, so none of them may stay in the log, not even those of
+        // rooms whose own sync worked.
+        for name in &batch {
+            let Some(r) = self.rooms.get_mut(name) else {
+                continue;
+            };
+            if first_err.is_some() {
+                r.rollback();
+            } else {
+                r.uncommitted = None;
+            }
+            if r.close_after_commit {
+                r.close_after_commit = false;
+                r.writer = None;
+            }
+        }
+        batch.clear();
+        self.dirty = batch;
         self.sync_stats.round(start, files, failed);
         match first_err {
             Some(e) => {
@@ -1771,6 +1946,326 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    fn room<'a>(h: &'a mut DiskHistory, name: &str) -> &'a mut Room {
+        h.rooms.get_mut(name).expect("room")
+    }
+
+    /// Descriptors of this process open on exactly `path`.
+    fn fds_on(path: &Path) -> usize {
+        let path = fs::canonicalize(path).expect("canonical path");
+        fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(Result::ok)
+            .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+            .count()
+    }
+
+    /// Bug 1: one room's failed sync must not leave another room's records
+    /// of the same batch in the log (the loop refuses them all).
+    #[test]
+    fn a_failed_commit_keeps_nothing_of_its_batch() {
+        let tmp = TempDir::new("allornothing");
+        let o = opts(&tmp.0, Fsync::Always, 100, 1000);
+        let mut h = open(&o);
+        send(&mut h, "a", 2);
+        send(&mut h, "b", 2);
+        h.commit().unwrap();
+        let a_len = fs::metadata(&segment_files(&tmp.0, "a")[0]).unwrap().len();
+
+        // "a" syncs first and fine; "b" fails.
+        send(&mut h, "a", 1);
+        send(&mut h, "b", 1);
+        room(&mut h, "b").faults.sync = true;
+        assert!(h.commit().is_err());
+        assert!(!h.healthy());
+        assert_eq!(ids(&h.last("a", 10).unwrap()), vec![1, 2]);
+        assert_eq!(ids(&h.last("b", 10).unwrap()), vec![1, 2]);
+        let a_seg = segment_files(&tmp.0, "a")[0].clone();
+        assert_eq!(fs::metadata(&a_seg).unwrap().len(), a_len);
+        h.release("a");
+        assert_eq!(ids(&h.last("a", 10).unwrap()), vec![1, 2]);
+
+        // The disk is back: ids go on upward (3 was refused, not reused).
+        room(&mut h, "b").faults.sync = false;
+        assert_eq!(send(&mut h, "a", 1), vec![4]);
+        h.commit().unwrap();
+        assert!(h.healthy());
+        drop(h);
+        let mut h = open(&o);
+        assert_eq!(ids(&h.last("a", 10).unwrap()), vec![1, 2, 4]);
+        assert_eq!(ids(&h.last("b", 10).unwrap()), vec![1, 2]);
+    }
+
+    /// Bug 1, directory syncs: a failed sync of a new segment's entry
+    /// refuses the batch, so every room of it is cut back.
+    #[test]
+    fn a_failed_directory_sync_keeps_nothing_of_its_batch() {
+        let tmp = TempDir::new("dirsync");
+        let o = opts(&tmp.0, Fsync::Always, 100, 1000);
+        let mut h = DiskHistory::open_with(&o, 2).unwrap();
+        send(&mut h, "a", 2);
+        send(&mut h, "b", 1);
+        h.commit().unwrap();
+        // "a" starts a new segment (id 3), "b" does not.
+        send(&mut h, "a", 1);
+        send(&mut h, "b", 1);
+        h.faults.dir_sync = true;
+        assert!(h.commit().is_err());
+        h.faults.dir_sync = false;
+        h.release("a");
+        h.release("b");
+        assert_eq!(ids(&h.last("a", 10).unwrap()), vec![1, 2]);
+        assert_eq!(ids(&h.last("b", 10).unwrap()), vec![1]);
+        drop(h);
+        let mut h = DiskHistory::open_with(&o, 2).unwrap();
+        assert_eq!(ids(&h.last("a", 10).unwrap()), vec![1, 2]);
+        assert_eq!(ids(&h.last("b", 10).unwrap()), vec![1]);
+    }
+
+    /// Bug 2: a rollback after a failed append (no writer) cuts the file by
+    /// path at once.
+    #[test]
+    fn a_rollback_without_a_writer_cuts_by_path() {
+        let tmp = TempDir::new("cutbypath");
+        let o = opts(&tmp.0, Fsync::Always, 100, 1000);
+        let mut h = open(&o);
+        send(&mut h, "r", 3);
+        h.commit().unwrap();
+        let seg = segment_files(&tmp.0, "r")[0].clone();
+        let len = fs::metadata(&seg).unwrap().len();
+        send(&mut h, "r", 1);
+        room(&mut h, "r").faults.write = true;
+        let id = h.reserve_id("r").unwrap();
+        assert!(h.append("r", kept("r", id)).is_err());
+        assert!(room(&mut h, "r").writer.is_none());
+        room(&mut h, "r").faults = Faults::default();
+        room(&mut h, "r").faults.sync = true;
+        assert!(h.commit().is_err());
+        assert_eq!(fs::metadata(&seg).unwrap().len(), len, "cut at once");
+        assert_eq!(room(&mut h, "r").cut_to, None);
+        room(&mut h, "r").faults = Faults::default();
+        h.release("r");
+        assert_eq!(ids(&h.last("r", 10).unwrap()), vec![1, 2, 3]);
+    }
+
+    /// Bug 2: a cut that cannot be made at once is kept as (segment, len),
+    /// hides the refused records from reads, and is made in that segment
+    /// before the next append, which must not start a new segment first.
+    #[test]
+    fn a_pending_cut_is_made_in_its_own_segment_before_any_roll() {
+        let tmp = TempDir::new("pendingcut");
+        let o = opts(&tmp.0, Fsync::Always, 100, 1000);
+        // Four ids per segment.
+        let mut h = DiskHistory::open_with(&o, 4).unwrap();
+        send(&mut h, "r", 3);
+        h.commit().unwrap();
+        let seg1 = segment_files(&tmp.0, "r")[0].clone();
+        let len = fs::metadata(&seg1).unwrap().len();
+
+        assert_eq!(send(&mut h, "r", 1), vec![4]);
+        room(&mut h, "r").faults.write = true;
+        let id5 = h.reserve_id("r").unwrap();
+        assert!(h.append("r", kept("r", id5)).is_err());
+        room(&mut h, "r").faults.write = false;
+        room(&mut h, "r").faults.sync = true;
+        room(&mut h, "r").faults.cut = true;
+        assert!(h.commit().is_err());
+        assert_eq!(
+            room(&mut h, "r").cut_to,
+            Some(PendingCut { first_id: 1, len })
+        );
+        // Refused record 4 is still in the file but not served.
+        h.release("r");
+        assert_eq!(ids(&h.last("r", 10).unwrap()), vec![1, 2, 3]);
+
+        // The cut still fails: the append fails, nothing rolls.
+        room(&mut h, "r").faults.sync = false;
+        let id6 = h.reserve_id("r").unwrap();
+        assert!(h.append("r", kept("r", id6)).is_err());
+        assert_eq!(
+            segment_files(&tmp.0, "r").len(),
+            1,
+            "no roll past a pending cut"
+        );
+
+        // It works now: cut first, then the new segment.
+        room(&mut h, "r").faults.cut = false;
+        let id7 = h.reserve_id("r").unwrap();
+        h.append("r", kept("r", id7)).unwrap();
+        h.commit().unwrap();
+        assert_eq!(fs::metadata(&seg1).unwrap().len(), len);
+        let files = segment_files(&tmp.0, "r");
+        assert_eq!(files.len(), 2);
+
+        // A later failed write reopens the new segment without cutting it.
+        room(&mut h, "r").faults.write = true;
+        let id8 = h.reserve_id("r").unwrap();
+        assert!(h.append("r", kept("r", id8)).is_err());
+        room(&mut h, "r").faults.write = false;
+        let id9 = h.reserve_id("r").unwrap();
+        h.append("r", kept("r", id9)).unwrap();
+        h.commit().unwrap();
+        let text = fs::read(&files[1]).unwrap();
+        assert!(!text.contains(&0), "no NUL padding");
+        drop(h);
+        let mut h = DiskHistory::open_with(&o, 4).unwrap();
+        assert_eq!(ids(&h.last("r", 10).unwrap()), vec![1, 2, 3, id7, id9]);
+        assert_eq!(counter(&h, "store_corrupt_records"), 0);
+    }
+
+    /// Bug 3: the entries created at open (the data dir's parents, `rooms/`)
+    /// are synced. (A power cut itself cannot be simulated here; this pins
+    /// which directories are synced.)
+    #[test]
+    fn open_syncs_the_entries_it_creates() {
+        let tmp = TempDir::new("opensync");
+        let data = tmp.0.join("x").join("data");
+        let h = open(&opts(&data, Fsync::Never, 10, 100));
+        assert_eq!(
+            h.opened_syncs,
+            vec![tmp.0.clone(), tmp.0.join("x"), data.clone()]
+        );
+        drop(h);
+        // Existing dirs: only the data dir (parent of `rooms/`) again.
+        let h = open(&opts(&data, Fsync::Never, 10, 100));
+        assert_eq!(h.opened_syncs, vec![data]);
+    }
+
+    /// Bug 4: the `ids` file is not held open between reservation blocks.
+    #[test]
+    fn the_ids_file_is_not_kept_open() {
+        let tmp = TempDir::new("idsfd");
+        let o = opts(&tmp.0, Fsync::Always, 10, 100_000);
+        let mut h = open(&o);
+        send(&mut h, "r", 1200);
+        h.commit().unwrap();
+        let ids_file = room_dir(&tmp.0, "r").join(RESERVATION_FILE);
+        assert_eq!(fds_on(&ids_file), 0);
+        // The reservation is still made durable ahead of use.
+        h.crash();
+        let mut h = open(&o);
+        assert!(h.reserve_id("r").unwrap() > 1200);
+    }
+
+    /// Bug 4: release/reopen cycles and segment rolls do not pile up
+    /// duplicate descriptors on the syncer's queue.
+    #[test]
+    fn syncer_jobs_are_one_per_file() {
+        let tmp = TempDir::new("dupfd");
+        let a = tmp.0.join("a");
+        let mut h = open(&opts(&a, Fsync::Everysec, 10, 100_000));
+        send(&mut h, "s", 1);
+        let seg = segment_files(&a, "s")[0].clone();
+        // Release/reopen cycles on one segment file, well within one tick
+        // of the syncer.
+        for _ in 0..50 {
+            h.release("s");
+            send(&mut h, "s", 1);
+        }
+        // The writer and the syncer's one duplicate (two while the syncer
+        // swaps them), not fifty.
+        let n = fds_on(&seg);
+        assert!(n <= 3, "{n} descriptors on the segment");
+
+        // Fifty new segments: one queued directory sync, not fifty.
+        let b = tmp.0.join("b");
+        let mut h = DiskHistory::open_with(&opts(&b, Fsync::Everysec, 10, 100_000), 1).unwrap();
+        send(&mut h, "t", 50);
+        let n = fds_on(&room_dir(&b, "t"));
+        assert!(n <= 2, "{n} descriptors on the room directory");
+    }
+
+    /// Bug 5: `release` drops the segments' sparse indexes too.
+    #[test]
+    fn release_drops_segment_indexes() {
+        let tmp = TempDir::new("relidx");
+        let o = opts(&tmp.0, Fsync::Never, 5, 1000);
+        let mut h = DiskHistory::open_with(&o, 16).unwrap();
+        send(&mut h, "r", 100);
+        assert_eq!(ids(&h.before("r", Some(10), 3).unwrap()), vec![7, 8, 9]);
+        assert!(room(&mut h, "r").segments.iter().any(Segment::has_index));
+        h.release("r");
+        let r = room(&mut h, "r");
+        assert!(r.tail.is_none());
+        assert!(!r.segments.iter().any(Segment::has_index));
+        assert_eq!(ids(&h.before("r", Some(10), 3).unwrap()), vec![7, 8, 9]);
+    }
+
+    /// Bug 6: a line longer than the record bound is skipped and counted,
+    /// in the middle of a segment and as its last line.
+    #[test]
+    fn an_overlong_line_is_skipped_as_corrupt() {
+        let tmp = TempDir::new("overlong");
+        let o = opts(&tmp.0, Fsync::Never, 100, 1000);
+        let mut h = open(&o);
+        send(&mut h, "r", 1);
+        send(&mut h, "s", 1);
+        drop(h);
+        let huge = |id: u64| {
+            let pad = "x".repeat(segment::MAX_RECORD_BYTES + 10);
+            format!(r#"{{"type":"message","content":"{pad}","id":{id}}}"#) + "\n"
+        };
+        let r_seg = segment_files(&tmp.0, "r")[0].clone();
+        let mut f = File::options().append(true).open(&r_seg).unwrap();
+        f.write_all(huge(2).as_bytes()).unwrap();
+        f.write_all((kept("r", 3).json.get().to_string() + "\n").as_bytes())
+            .unwrap();
+        drop(f);
+        let s_seg = segment_files(&tmp.0, "s")[0].clone();
+        let mut f = File::options().append(true).open(&s_seg).unwrap();
+        f.write_all(huge(2).as_bytes()).unwrap();
+        drop(f);
+
+        let mut h = open(&o);
+        // Recovery read "s" backwards and skipped the huge last line.
+        assert_eq!(counter(&h, "store_corrupt_records"), 1);
+        assert_eq!(ids(&h.last("r", 10).unwrap()), vec![1, 3]);
+        assert_eq!(ids(&h.after("r", 0, 10).unwrap()), vec![1, 3]);
+        assert_eq!(ids(&h.last("s", 10).unwrap()), vec![1]);
+        assert_eq!(counter(&h, "store_corrupt_records"), 3);
+    }
+
+    /// Bug 7: retention also drops in-memory messages of deleted segments
+    /// (possible when crashes left gaps in the ids).
+    #[test]
+    fn retention_drops_deleted_messages_from_memory() {
+        let tmp = TempDir::new("retaintail");
+        // retain 50 → 16 ids per segment; keep 50 in memory.
+        let o = opts(&tmp.0, Fsync::Never, 50, 50);
+        let mut h = open(&o);
+        send(&mut h, "r", 20);
+        h.crash();
+        let mut h = open(&o);
+        let gap = send(&mut h, "r", 5);
+        assert!(gap[0] > 20);
+        h.crash();
+        let mut h = open(&o);
+        // Ids 17..=20 (segment 1..16 went when the gap started a segment)
+        // and the five after the gap, all in memory.
+        assert_eq!(h.last("r", 100).unwrap().len(), 9);
+        assert_eq!(h.last("r", 100).unwrap()[0].id, 17);
+        let newest = send(&mut h, "r", 1)[0];
+        let mut want = gap.clone();
+        want.push(newest);
+        assert_eq!(ids(&h.last("r", 100).unwrap()), want);
+        assert_eq!(ids(&h.after("r", 0, 100).unwrap()), want);
+        drop(h);
+        let mut h = open(&o);
+        assert_eq!(ids(&h.last("r", 100).unwrap()), want);
+    }
+
+    /// Bug 8: room names are bounded as the protocol bounds them.
+    #[test]
+    fn room_names_are_at_most_32_bytes() {
+        let tmp = TempDir::new("namelen");
+        let mut h = open(&opts(&tmp.0, Fsync::Never, 10, 100));
+        assert_eq!(h.reserve_id(&"a".repeat(32)).unwrap(), 1);
+        match h.reserve_id(&"a".repeat(33)) {
+            Err(HistoryError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::InvalidInput),
+            other => panic!("expected InvalidInput, got {other:?}"),
         }
     }
 }

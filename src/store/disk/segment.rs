@@ -12,6 +12,8 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -29,6 +31,71 @@ pub(crate) const INDEX_STRIDE: usize = 64;
 
 /// Chunk size for reading a segment backwards (finding its last record).
 const BACK_CHUNK: u64 = 64 * 1024;
+
+/// The longest line read as a record. Longer lines (a corrupt region
+/// without `\n`, a hand edit) are skipped and counted as corrupt, never read
+/// into memory whole. Far above anything loopchat writes: a 64 KiB message
+/// whose every byte is escaped 6× is under 400 KiB.
+pub(crate) const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// How [`read_line_capped`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct LineRead {
+    /// Bytes consumed from the reader (the whole line, `\n` included).
+    pub consumed: u64,
+    /// The line ended with `\n` (false: end of input first).
+    pub complete: bool,
+    /// Longer than the cap: `line` holds only its first `cap` bytes.
+    pub overlong: bool,
+}
+
+/// Reads one line (through `\n`) into `line`, storing at most `cap` bytes
+/// of it; the rest of an overlong line is consumed without being kept.
+pub(crate) fn read_line_capped(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<LineRead> {
+    line.clear();
+    let mut consumed = 0u64;
+    let mut overlong = false;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(LineRead {
+                consumed,
+                complete: false,
+                overlong,
+            });
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if !overlong {
+            let room = cap - line.len();
+            if take <= room {
+                line.extend_from_slice(&buf[..take]);
+            } else {
+                line.extend_from_slice(&buf[..room]);
+                overlong = true;
+            }
+        }
+        reader.consume(take);
+        consumed += take as u64;
+        if done {
+            return Ok(LineRead {
+                consumed,
+                complete: true,
+                overlong,
+            });
+        }
+    }
+}
 
 /// The file name of the segment whose first record has id `first_id`. Zero
 /// padded so that `ls` sorts segments in log order.
@@ -128,10 +195,13 @@ pub(crate) fn last_valid_id(file: &File, end: u64, path: &Path) -> io::Result<(O
             Some(pos) => pos + 1,
             None => 0,
         };
-        let mut line = vec![0; usize_len(end - start)?];
-        file.read_exact_at(&mut line, start)?;
-        if let Some(k) = parse_record(&line) {
-            return Ok((Some(k.id), corrupt));
+        // An overlong line is corrupt without reading it.
+        if end - start <= MAX_RECORD_BYTES as u64 {
+            let mut line = vec![0; usize_len(end - start)?];
+            file.read_exact_at(&mut line, start)?;
+            if let Some(k) = parse_record(&line) {
+                return Ok((Some(k.id), corrupt));
+            }
         }
         log::warn!(
             "{}: skipping a corrupt record at byte {start}",
@@ -171,6 +241,13 @@ pub(crate) struct Segment {
     pub path: PathBuf,
     /// Built on the first read that needs it, extended as the file grows.
     index: Option<SparseIndex>,
+    /// A duplicate of this file's descriptor is queued on the syncer (see
+    /// `syncer::Job::queued`). Per segment, not per open writer, so closing
+    /// and reopening the writer never queues a second duplicate.
+    pub sync_queued: Arc<AtomicBool>,
+    /// Bytes past this are not part of the log (records of a failed commit
+    /// that could not be cut off yet): reads stop here.
+    pub read_cap: Option<u64>,
 }
 
 /// `(id, byte offset)` of every [`INDEX_STRIDE`]-th valid record, over the
@@ -189,12 +266,21 @@ impl Segment {
             first_id,
             path,
             index: None,
+            sync_queued: Arc::new(AtomicBool::new(false)),
+            read_cap: None,
         }
     }
 
-    /// Forget the index (after the file was cut back at a failed commit).
+    /// Forget the index (after the file was cut back at a failed commit, or
+    /// when the room is released: it is rebuilt on the next read).
     pub(crate) fn drop_index(&mut self) {
         self.index = None;
+    }
+
+    /// Whether the sparse index is in memory.
+    #[cfg(test)]
+    pub(crate) fn has_index(&self) -> bool {
+        self.index.is_some()
     }
 
     /// Brings the index up to the end of the file (only whole lines) and
@@ -207,19 +293,25 @@ impl Segment {
             return Ok(0);
         }
         file.seek(SeekFrom::Start(index.scanned))?;
-        let mut reader = BufReader::new(file);
+        let end = self.read_cap.unwrap_or(u64::MAX);
+        let mut reader = BufReader::new(file.take(end.saturating_sub(index.scanned)));
         let mut line = Vec::new();
         let mut corrupt = 0;
         loop {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line)?;
-            if n == 0 || line.last() != Some(&b'\n') {
+            let got = read_line_capped(&mut reader, &mut line, MAX_RECORD_BYTES)?;
+            if !got.complete {
                 // End of file, or a record still being written: the next
                 // refresh picks it up from `scanned`.
                 break;
             }
+            let n = got.consumed;
             let offset = index.scanned;
-            match parse_record(&line) {
+            let record = if got.overlong {
+                None
+            } else {
+                parse_record(&line)
+            };
+            match record {
                 Some(k) => {
                     if index.since_entry == 0 {
                         index.entries.push((k.id, offset));
@@ -234,7 +326,7 @@ impl Segment {
                     corrupt += 1;
                 }
             }
-            index.scanned += n as u64;
+            index.scanned += n;
         }
         Ok(corrupt)
     }
@@ -251,11 +343,14 @@ impl Segment {
         let mut reader = BufReader::new(file.take(end - from));
         let mut line = Vec::new();
         loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
+            let got = read_line_capped(&mut reader, &mut line, MAX_RECORD_BYTES)?;
+            if got.consumed == 0 {
                 return Ok(());
             }
             // Corrupt lines were counted when indexed; here they are skipped.
+            if got.overlong {
+                continue;
+            }
             if let Some(k) = parse_record(&line) {
                 if !visit(k) {
                     return Ok(());
@@ -342,5 +437,36 @@ mod tests {
         assert!(parse_record(b"{\"id\":7").is_none());
         assert!(parse_record(b"\0\0\0\n").is_none());
         assert!(parse_record(b"").is_none());
+    }
+
+    #[test]
+    fn an_overlong_line_is_consumed_but_not_kept() {
+        let mut input = vec![b'x'; 10_000];
+        input.push(b'\n');
+        input.extend_from_slice(b"{\"id\":1}\ntail");
+        let mut reader = BufReader::with_capacity(64, &input[..]);
+        let mut line = Vec::new();
+        let got = read_line_capped(&mut reader, &mut line, 100).unwrap();
+        assert_eq!(
+            got,
+            LineRead {
+                consumed: 10_001,
+                complete: true,
+                overlong: true
+            }
+        );
+        assert!(
+            line.len() <= 100 && line.capacity() < 1000,
+            "{}",
+            line.capacity()
+        );
+        let got = read_line_capped(&mut reader, &mut line, 100).unwrap();
+        assert!(got.complete && !got.overlong);
+        assert_eq!(parse_record(&line).map(|k| k.id), Some(1));
+        let got = read_line_capped(&mut reader, &mut line, 100).unwrap();
+        assert_eq!((got.consumed, got.complete), (4, false));
+        assert_eq!(line, b"tail");
+        let got = read_line_capped(&mut reader, &mut line, 100).unwrap();
+        assert_eq!(got.consumed, 0);
     }
 }
