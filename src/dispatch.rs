@@ -1378,20 +1378,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_failed_commit_takes_the_messages_back() {
+    /// `--fsync always` over a store whose group commit fails.
+    fn strict_with_failing_commit() -> Harness {
         let mut strict = settings();
         strict.refuse_unkept = true;
-        let mut h = Harness {
-            d: Dispatcher::new(
-                strict,
-                Box::new(Faulty {
-                    fail_commit: true,
-                    ..Faulty::default()
-                }),
-            ),
-            out: Outbound::default(),
+        let history = Faulty {
+            fail_commit: true,
+            ..Faulty::default()
         };
+        Harness {
+            d: Dispatcher::new(strict, Box::new(history)),
+            out: Outbound::default(),
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_takes_the_messages_back() {
+        let mut h = strict_with_failing_commit();
         h.connect(0, "alice", "r");
         h.connect(1, "bob", "r");
         h.d.handle_text(
@@ -1416,18 +1419,7 @@ mod tests {
 
     #[test]
     fn reading_a_room_commits_its_pending_messages_first() {
-        let mut strict = settings();
-        strict.refuse_unkept = true;
-        let mut h = Harness {
-            d: Dispatcher::new(
-                strict,
-                Box::new(Faulty {
-                    fail_commit: true,
-                    ..Faulty::default()
-                }),
-            ),
-            out: Outbound::default(),
-        };
+        let mut h = strict_with_failing_commit();
         h.connect(0, "alice", "r");
         // A message and a history read in one batch: the read commits
         // first, so the refusal comes before the answer.
