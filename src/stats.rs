@@ -56,6 +56,17 @@ impl Reject {
     }
 }
 
+/// The numbers every `/stats` answer carries, whatever else it adds: the
+/// protocol promises them to outside clients.
+pub const CONTRACT_FIELDS: [&str; 6] = [
+    "connections",
+    "rooms",
+    "messages",
+    "bytes_in",
+    "bytes_out",
+    "uptime_s",
+];
+
 /// Counters the loop bumps.
 #[derive(Debug, Default, Clone)]
 pub struct LoopCounters {
@@ -388,14 +399,7 @@ mod tests {
             ..Snapshot::default()
         };
         let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
-        for field in [
-            "connections",
-            "rooms",
-            "messages",
-            "bytes_in",
-            "bytes_out",
-            "uptime_s",
-        ] {
+        for field in CONTRACT_FIELDS {
             assert!(v[field].is_u64(), "{field} missing");
         }
         assert_eq!(v["connections"], 3);

@@ -20,94 +20,15 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::{remaining, upgrade_request, Bin, Client, TestServer, DEADLINE};
+use common::{
+    client_frame, raw_connect, raw_session, read_frame, read_head, remaining, upgrade_request, Bin,
+    Client, TestServer, DEADLINE,
+};
 use loopchat::Config;
 use serde_json::{json, Value};
 use tungstenite::Message;
 
 // ---- helpers: raw sockets and frames -----------------------------------
-
-/// A raw TCP connection whose reads and writes give up at [`DEADLINE`].
-fn raw_connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("read timeout");
-    s.set_write_timeout(Some(DEADLINE)).expect("write timeout");
-    s
-}
-
-/// Read an HTTP response head byte by byte (so that no WebSocket frame
-/// behind it is consumed) and return it as text.
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("response head");
-        head.push(byte[0]);
-        assert!(head.len() < 16 * 1024, "response head too long");
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// Upgrade by hand: send the request, read the 101. The socket is then a
-/// WebSocket on which this test writes whatever frames it likes.
-fn raw_session(addr: SocketAddr, path_and_query: &str) -> TcpStream {
-    let mut s = raw_connect(addr);
-    s.write_all(upgrade_request(path_and_query, "").as_bytes())
-        .expect("write upgrade");
-    let head = read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head:?}");
-    s
-}
-
-/// A client frame: first byte `b0` (FIN, RSV bits, opcode), payload masked
-/// unless `masked` is false.
-fn client_frame(b0: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mask_bit = if masked { 0x80 } else { 0 };
-    let mut f = vec![b0];
-    match payload.len() {
-        n if n < 126 => f.push(mask_bit | n as u8),
-        n if n <= 0xffff => {
-            f.push(mask_bit | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(mask_bit | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    } else {
-        f.extend_from_slice(payload);
-    }
-    f
-}
-
-/// One server frame: (first byte, payload). Server frames are never
-/// masked.
-fn read_frame(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h)?;
-    assert_eq!(h[1] & 0x80, 0, "server frames must not be masked");
-    let len = match h[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b)?;
-            u64::from(u16::from_be_bytes(b))
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b)?;
-            u64::from_be_bytes(b)
-        }
-        n => u64::from(n),
-    };
-    let mut payload = vec![0u8; usize::try_from(len).expect("frame length")];
-    s.read_exact(&mut payload)?;
-    Ok((h[0], payload))
-}
 
 /// Read server frames until a text frame; parse it as a JSON event.
 fn read_event(s: &mut TcpStream) -> Value {

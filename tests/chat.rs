@@ -160,14 +160,7 @@ fn plain_http_answers() {
     );
     assert_eq!(server.http(big.as_bytes()).0, 431);
     let stats = server.stats();
-    for field in [
-        "connections",
-        "rooms",
-        "messages",
-        "bytes_in",
-        "bytes_out",
-        "uptime_s",
-    ] {
+    for field in loopchat::stats::CONTRACT_FIELDS {
         assert!(stats[field].is_u64(), "{field}");
     }
 }
@@ -182,8 +175,10 @@ fn frame_right_behind_the_request() {
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut bytes = upgrade_request("/ws?username=eager", "").into_bytes();
-    bytes.extend(common::masked_text(
-        r#"{"type":"message","content":"early bird"}"#,
+    bytes.extend(common::client_frame(
+        0x81,
+        r#"{"type":"message","content":"early bird"}"#.as_bytes(),
+        true,
     ));
     s.write_all(&bytes).unwrap();
     let m = watcher.wait_for("early message", |v| v["type"] == "message");

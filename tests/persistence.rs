@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{remaining, Bin};
-use serde_json::{json, Value};
-use tungstenite::{Message, WebSocket};
+use common::{remaining, Bin, Client};
+use serde_json::json;
+use tungstenite::Message;
 
 /// Longest any single test may take.
 const TEST_DEADLINE: Duration = Duration::from_secs(30);
@@ -80,8 +80,14 @@ impl Server {
         assert!(status.success(), "clean shutdown exits 0, got {status}");
     }
 
-    fn connect(&self, user: &str, room: &str, deadline: Instant) -> Client {
-        Client::connect(self.port, user, room, deadline)
+    /// A client of `room`, past its `welcome`.
+    fn connect(&self, user: &str, room: &str) -> Client {
+        let mut c = Client::connect(&format!(
+            "ws://127.0.0.1:{}/ws?username={user}&room={room}",
+            self.port
+        ));
+        c.expect("welcome");
+        c
     }
 
     /// Status code of `GET path`.
@@ -101,100 +107,25 @@ impl Server {
     }
 }
 
-/// A blocking WebSocket client whose reads time out at the test deadline.
-struct Client {
-    ws: WebSocket<TcpStream>,
-    deadline: Instant,
+/// Sends a message to `room` and returns the id the server gave it.
+fn say(c: &mut Client, room: &str, content: &str) -> u64 {
+    let r = format!("say-{content}");
+    c.send(json!({"type": "message", "room": room, "content": content, "ref": r}));
+    let ev = c.wait_for("the echo", |ev| ev["ref"] == r.as_str());
+    assert_eq!(ev["type"], "message", "message refused: {ev}");
+    ev["id"].as_u64().expect("message id")
 }
 
-impl Client {
-    fn connect(port: u16, user: &str, room: &str, deadline: Instant) -> Client {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream
-            .set_read_timeout(Some(remaining(deadline)))
-            .expect("read timeout");
-        let url = format!("ws://127.0.0.1:{port}/ws?username={user}&room={room}");
-        let (ws, _) = tungstenite::client::client(url, stream).expect("websocket handshake");
-        let mut c = Client { ws, deadline };
-        c.expect_type("welcome");
-        c
-    }
-
-    fn send(&mut self, v: &Value) {
-        self.ws
-            .send(Message::text(v.to_string()))
-            .expect("send frame");
-    }
-
-    /// Queues a frame without flushing (to pipeline many).
-    fn queue(&mut self, v: &Value) {
-        self.ws
-            .write(Message::text(v.to_string()))
-            .expect("queue frame");
-    }
-
-    fn flush(&mut self) {
-        self.ws.flush().expect("flush");
-    }
-
-    /// The next JSON event, `None` once the connection is gone.
-    fn next(&mut self) -> Option<Value> {
-        loop {
-            remaining(self.deadline);
-            match self.ws.read() {
-                Ok(Message::Text(t)) => {
-                    return Some(serde_json::from_str(t.as_str()).expect("server sends JSON"))
-                }
-                Ok(Message::Close(_)) => return None,
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    panic!("deadline passed waiting for an event")
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-
-    fn expect_type(&mut self, kind: &str) -> Value {
-        loop {
-            let ev = self
-                .next()
-                .unwrap_or_else(|| panic!("closed while waiting for {kind}"));
-            if ev["type"] == kind {
-                return ev;
-            }
-        }
-    }
-
-    /// Sends a message to `room` and returns the id the server gave it.
-    fn say(&mut self, room: &str, content: &str) -> u64 {
-        let r = format!("say-{content}");
-        self.send(&json!({"type": "message", "room": room, "content": content, "ref": r}));
-        loop {
-            let ev = self.next().expect("closed while waiting for the echo");
-            if ev["ref"] == r.as_str() {
-                assert_eq!(ev["type"], "message", "message refused: {ev}");
-                return ev["id"].as_u64().expect("message id");
-            }
-        }
-    }
-
-    /// The ids of `room`'s history (`history` command, newest 500).
-    fn history_ids(&mut self, room: &str) -> Vec<u64> {
-        self.send(&json!({"type": "history", "room": room, "limit": 500}));
-        let ev = self.expect_type("history");
-        ev["messages"]
-            .as_array()
-            .expect("messages array")
-            .iter()
-            .map(|m| m["id"].as_u64().expect("id"))
-            .collect()
-    }
+/// The ids of `room`'s history (`history` command, newest 500).
+fn history_ids(c: &mut Client, room: &str) -> Vec<u64> {
+    c.send(json!({"type": "history", "room": room, "limit": 500}));
+    let ev = c.expect("history");
+    ev["messages"]
+        .as_array()
+        .expect("messages array")
+        .iter()
+        .map(|m| m["id"].as_u64().expect("id"))
+        .collect()
 }
 
 fn assert_increasing(ids: &[u64], what: &str) {
@@ -210,17 +141,19 @@ fn restart_keeps_history_and_ids() {
     let deadline = Instant::now() + TEST_DEADLINE;
     let tmp = TempDir::new("restart");
     let server = Server::start(&tmp.data(), &FAST, deadline);
-    let mut a = server.connect("alice", "lobby", deadline);
-    let sent: Vec<u64> = (0..8).map(|i| a.say("lobby", &format!("m{i}"))).collect();
+    let mut a = server.connect("alice", "lobby");
+    let sent: Vec<u64> = (0..8)
+        .map(|i| say(&mut a, "lobby", &format!("m{i}")))
+        .collect();
     assert_increasing(&sent, "first run");
     drop(a);
     server.stop(deadline);
 
     let server = Server::start(&tmp.data(), &FAST, deadline);
-    let mut b = server.connect("bob", "lobby", deadline);
-    assert_eq!(b.history_ids("lobby"), sent);
-    b.send(&json!({"type": "history", "room": "lobby", "before": sent[5], "limit": 2}));
-    let page = b.expect_type("history");
+    let mut b = server.connect("bob", "lobby");
+    assert_eq!(history_ids(&mut b, "lobby"), sent);
+    b.send(json!({"type": "history", "room": "lobby", "before": sent[5], "limit": 2}));
+    let page = b.expect("history");
     let page: Vec<u64> = page["messages"]
         .as_array()
         .expect("messages")
@@ -228,20 +161,15 @@ fn restart_keeps_history_and_ids() {
         .map(|m| m["id"].as_u64().expect("id"))
         .collect();
     assert_eq!(page, sent[3..5]);
-    b.send(&json!({"type": "join", "room": "lobby2", "since": 0}));
-    b.expect_type("joined");
+    b.send(json!({"type": "join", "room": "lobby2", "since": 0}));
+    b.expect("joined");
     // A clean shutdown saved the exact next id: no gap.
-    let next = b.say("lobby", "after restart");
+    let next = say(&mut b, "lobby", "after restart");
     assert_eq!(next, sent[7] + 1, "ids continue after a clean restart");
 
     // A resume (`since`) after the restart gets exactly the newer messages.
-    let mut c = Client::connect(
-        server.port,
-        "carol",
-        &format!("lobby&since={}", sent[5]),
-        deadline,
-    );
-    let joined = c.expect_type("joined");
+    let mut c = server.connect("carol", &format!("lobby&since={}", sent[5]));
+    let joined = c.expect("joined");
     let resumed: Vec<u64> = joined["history"]
         .as_array()
         .expect("history")
@@ -253,28 +181,25 @@ fn restart_keeps_history_and_ids() {
 
 /// Sends `n` messages pipelined, `kill -9`s the server once `kill_after`
 /// acks (the sender's own copies) arrived, and returns every acked id.
-fn send_and_crash(
-    server: Server,
-    room: &str,
-    n: usize,
-    kill_after: usize,
-    deadline: Instant,
-) -> Vec<u64> {
-    let mut a = server.connect("writer", room, deadline);
+fn send_and_crash(server: Server, room: &str, n: usize, kill_after: usize) -> Vec<u64> {
+    let mut a = server.connect("writer", room);
     for i in 0..n {
-        a.queue(&json!({"type": "message", "room": room, "content": format!("c{i}"), "ref": format!("r{i}")}));
+        // Queued without flushing, to pipeline them all in one write.
+        let m = json!({"type": "message", "room": room, "content": format!("c{i}"), "ref": format!("r{i}")});
+        a.ws.write(Message::text(m.to_string()))
+            .expect("queue frame");
     }
-    a.flush();
+    a.ws.flush().expect("flush");
     let mut acked = Vec::new();
     while acked.len() < kill_after {
-        let ev = a.next().expect("server closed before the crash");
+        let ev = a.try_next().expect("server closed before the crash");
         if ev["type"] == "message" && ev.get("ref").is_some() {
             acked.push(ev["id"].as_u64().expect("id"));
         }
     }
     server.kill9();
     // Acks the server released before it died still count.
-    while let Some(ev) = a.next() {
+    while let Some(ev) = a.try_next() {
         if ev["type"] == "message" && ev.get("ref").is_some() {
             acked.push(ev["id"].as_u64().expect("id"));
         }
@@ -296,12 +221,12 @@ fn kill_9_never_reuses_ids_and_always_keeps_acked_messages() {
         args.extend(FAST);
 
         let server = Server::start(&tmp.data(), &args, deadline);
-        let acked = send_and_crash(server, "r", 400, 100, deadline);
+        let acked = send_and_crash(server, "r", 400, 100);
         assert_increasing(&acked, "acked before the crash");
 
         let server = Server::start(&tmp.data(), &args, deadline);
-        let mut b = server.connect("reader", "r", deadline);
-        let kept = b.history_ids("r");
+        let mut b = server.connect("reader", "r");
+        let kept = history_ids(&mut b, "r");
         assert_increasing(&kept, "history after the crash");
         if mode == "always" {
             let missing: Vec<_> = acked.iter().filter(|id| !kept.contains(id)).collect();
@@ -313,23 +238,23 @@ fn kill_9_never_reuses_ids_and_always_keeps_acked_messages() {
         // No reuse: a new id is above anything handed out before the crash,
         // whether its message survived or not.
         let seen_max = acked.iter().chain(&kept).max().copied().unwrap_or(0);
-        let next = b.say("r", "after the crash");
+        let next = say(&mut b, "r", "after the crash");
         assert!(
             next > seen_max,
             "fsync {mode}: id {next} not above {seen_max}"
         );
 
         // And a second crash right away: still no reuse.
-        let acked2 = send_and_crash(server, "r", 50, 10, deadline);
+        let acked2 = send_and_crash(server, "r", 50, 10);
         assert!(
             acked2.iter().all(|&id| id > next),
             "fsync {mode}: {acked2:?} vs {next}"
         );
         let server = Server::start(&tmp.data(), &args, deadline);
-        let mut c = server.connect("reader2", "r", deadline);
-        let kept2 = c.history_ids("r");
+        let mut c = server.connect("reader2", "r");
+        let kept2 = history_ids(&mut c, "r");
         assert_increasing(&kept2, "history after the second crash");
-        let next2 = c.say("r", "after the second crash");
+        let next2 = say(&mut c, "r", "after the second crash");
         let seen_max = acked2.iter().chain(&kept2).max().copied().unwrap_or(0);
         assert!(
             next2 > seen_max,
@@ -352,11 +277,11 @@ fn dot_and_case_room_names_stay_inside_the_data_dir() {
     let tmp = TempDir::new("names");
     let rooms = ["..", ".", "...", "Lobby", "lobby", "a.b"];
     let server = Server::start(&tmp.data(), &FAST, deadline);
-    let mut a = server.connect("alice", "home", deadline);
+    let mut a = server.connect("alice", "home");
     for room in rooms {
-        a.send(&json!({"type": "join", "room": room}));
-        a.expect_type("joined");
-        a.say(room, &format!("in {room}"));
+        a.send(json!({"type": "join", "room": room}));
+        a.expect("joined");
+        say(&mut a, room, &format!("in {room}"));
     }
     drop(a);
     server.stop(deadline);
@@ -374,10 +299,10 @@ fn dot_and_case_room_names_stay_inside_the_data_dir() {
     assert_eq!(dirs, rooms.len(), "one directory per room");
 
     let server = Server::start(&tmp.data(), &FAST, deadline);
-    let mut b = server.connect("bob", "home", deadline);
+    let mut b = server.connect("bob", "home");
     for room in rooms {
-        b.send(&json!({"type": "history", "room": room, "limit": 500}));
-        let ev = b.expect_type("history");
+        b.send(json!({"type": "history", "room": room, "limit": 500}));
+        let ev = b.expect("history");
         let contents: Vec<&str> = ev["messages"]
             .as_array()
             .expect("messages")
@@ -414,19 +339,19 @@ fn failing_writes_keep_the_server_up() {
         let mut args = vec!["--fsync", mode];
         args.extend(FAST);
         let server = Server::start(&tmp.data(), &args, deadline);
-        let mut a = server.connect("alice", "r", deadline);
-        let first = a.say("r", "before");
+        let mut a = server.connect("alice", "r");
+        let first = say(&mut a, "r", "before");
         drop(a);
         server.stop(deadline);
         break_room_log(&tmp.data(), "r");
 
         let server = Server::start(&tmp.data(), &args, deadline);
         assert_eq!(server.http_status("/healthz", deadline), 200);
-        let mut a = server.connect("alice", "r", deadline);
-        let mut b = server.connect("bob", "r", deadline);
-        a.send(&json!({"type": "message", "room": "r", "content": "on a full disk", "ref": "x"}));
+        let mut a = server.connect("alice", "r");
+        let mut b = server.connect("bob", "r");
+        a.send(json!({"type": "message", "room": "r", "content": "on a full disk", "ref": "x"}));
         let ev = loop {
-            let ev = a.next().expect("server stays up");
+            let ev = a.next();
             if ev["ref"] == "x" {
                 break ev;
             }
@@ -437,15 +362,15 @@ fn failing_writes_keep_the_server_up() {
         } else {
             assert_eq!(ev["type"], "message", "{ev}");
             assert!(ev["id"].as_u64().expect("id") > first);
-            let seen = b.expect_type("message");
+            let seen = b.expect("message");
             assert_eq!(seen["content"], "on a full disk");
         }
         assert_eq!(server.http_status("/healthz", deadline), 503);
 
         // Another room's write succeeds: the store is healthy again.
-        a.send(&json!({"type": "join", "room": "other"}));
-        a.expect_type("joined");
-        a.say("other", "fine here");
+        a.send(json!({"type": "join", "room": "other"}));
+        a.expect("joined");
+        say(&mut a, "other", "fine here");
         assert_eq!(server.http_status("/healthz", deadline), 200);
     }
 }

@@ -12,15 +12,16 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::thread::JoinHandle;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{upgrade_request, Client, TestServer, DEADLINE};
+use common::{
+    client_frame, raw_session, read_frame, upgrade_request, Client, TestServer, DEADLINE,
+};
 use loopchat::store::memory::MemoryHistory;
 use loopchat::store::{History, HistoryError, Kept};
-use loopchat::{Config, Server, ServerHandle};
+use loopchat::Config;
 use serde_json::{json, Value};
 use tungstenite::Message;
 
@@ -139,75 +140,13 @@ fn wait_rooms(server: &TestServer, n: u64) {
 
 // ---- raw sockets, for what a well-behaved client cannot send ---------------
 
-/// A raw TCP connection upgraded on `/ws?{query}`, positioned right after the
-/// 101 answer's head.
-fn raw_session(addr: SocketAddr, query: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    s.write_all(upgrade_request(&format!("/ws?{query}"), "").as_bytes())
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte)
-            .expect("101 head within the deadline");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{:?}", head);
-    s
-}
-
-/// A client frame: FIN, `opcode`, masked unless `masked` is false.
-fn client_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-    let mut f = vec![0x80 | opcode, payload.len() as u8];
-    if masked {
-        f[1] |= 0x80;
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    } else {
-        f.extend_from_slice(payload);
-    }
-    f
-}
-
-/// The next server frame as (opcode, payload); `None` once the server has
-/// closed or reset the connection. Panics at the deadline.
-fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    fn fill(s: &mut TcpStream, buf: &mut [u8]) -> Option<()> {
-        match s.read_exact(buf) {
-            Ok(()) => Some(()),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("no frame within the deadline")
-            }
-            Err(_) => None,
-        }
-    }
-    let mut h = [0u8; 2];
-    fill(s, &mut h)?;
-    let mut len = u64::from(h[1] & 0x7f);
-    if len == 126 {
-        let mut b = [0u8; 2];
-        fill(s, &mut b)?;
-        len = u64::from(u16::from_be_bytes(b));
-    } else if len == 127 {
-        let mut b = [0u8; 8];
-        fill(s, &mut b)?;
-        len = u64::from_be_bytes(b);
-    }
-    let mut payload = vec![0u8; len as usize];
-    fill(s, &mut payload)?;
-    Some((h[0] & 0x0f, payload))
-}
-
 /// Read frames until the server's close frame; its status code.
 fn raw_close_code(s: &mut TcpStream) -> u16 {
     loop {
         match read_frame(s) {
-            Some((0x8, p)) => return u16::from_be_bytes([p[0], p[1]]),
-            Some(_) => continue,
-            None => panic!("connection ended without a close frame"),
+            Ok((b0, p)) if b0 & 0x0f == 0x8 => return u16::from_be_bytes([p[0], p[1]]),
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame: {e}"),
         }
     }
 }
@@ -251,42 +190,6 @@ impl History for Broken {
     }
     fn release(&mut self, room: &str) {
         self.0.release(room)
-    }
-}
-
-/// A server running with [`Broken`] history; stopped on drop.
-struct BrokenServer {
-    addr: SocketAddr,
-    handle: ServerHandle,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl BrokenServer {
-    fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let config = Config::for_tests();
-            let history = Box::new(Broken(MemoryHistory::new(config.history_keep)));
-            let server = Server::with_history(config, history).expect("server binds");
-            tx.send((server.local_addr(), server.handle()))
-                .expect("report");
-            server.run().expect("server loop");
-        });
-        let (addr, handle) = rx.recv_timeout(DEADLINE).expect("server started");
-        BrokenServer {
-            addr,
-            handle,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for BrokenServer {
-    fn drop(&mut self) {
-        self.handle.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -918,9 +821,10 @@ fn error_binary_unsupported() {
 /// other rooms) keep working.
 #[test]
 fn error_history_unavailable() {
-    let server = BrokenServer::start();
-    let url = format!("ws://{}/ws?username=alice", server.addr);
-    let mut c = Client::connect(&url);
+    let server = TestServer::with_history(Config::for_tests(), |config| {
+        Box::new(Broken(MemoryHistory::new(config.history_keep)))
+    });
+    let mut c = server.client("alice");
     c.opening();
     join(&mut c, "broken");
     refused_json(
@@ -999,8 +903,8 @@ fn close_1009_message_too_big() {
 #[test]
 fn close_1007_invalid_utf8() {
     let server = TestServer::start();
-    let mut s = raw_session(server.addr, "username=alice");
-    s.write_all(&client_frame(0x1, b"{\"type\":\"rooms\xff\"}", true))
+    let mut s = raw_session(server.addr, "/ws?username=alice");
+    s.write_all(&client_frame(0x81, b"{\"type\":\"rooms\xff\"}", true))
         .unwrap();
     assert_eq!(raw_close_code(&mut s), 1007);
 }
@@ -1009,8 +913,8 @@ fn close_1007_invalid_utf8() {
 #[test]
 fn close_1002_unmasked_frame() {
     let server = TestServer::start();
-    let mut s = raw_session(server.addr, "username=alice");
-    s.write_all(&client_frame(0x1, br#"{"type":"rooms"}"#, false))
+    let mut s = raw_session(server.addr, "/ws?username=alice");
+    s.write_all(&client_frame(0x81, br#"{"type":"rooms"}"#, false))
         .unwrap();
     assert_eq!(raw_close_code(&mut s), 1002);
 }
@@ -1061,10 +965,11 @@ fn missed_heartbeat_drops_the_connection() {
     let mut config = Config::for_tests();
     config.heartbeat_ms = 100;
     let server = TestServer::with(config);
-    let mut s = raw_session(server.addr, "username=alice");
+    let mut s = raw_session(server.addr, "/ws?username=alice");
     let mut pinged = false;
-    while let Some((opcode, _)) = read_frame(&mut s) {
-        pinged |= opcode == 0x9;
+    // Read until the server drops the connection (EOF or reset).
+    while let Ok((b0, _)) = read_frame(&mut s) {
+        pinged |= b0 & 0x0f == 0x9;
     }
     assert!(pinged, "dropped without a ping");
 }

@@ -76,7 +76,11 @@ fn a_flood_in_one_write_gets_one_1008() {
     c.opening();
     let mut batch = Vec::new();
     for _ in 0..10 {
-        batch.extend(common::masked_text(r#"{"type":"rooms"}"#));
+        batch.extend(common::client_frame(
+            0x81,
+            r#"{"type":"rooms"}"#.as_bytes(),
+            true,
+        ));
     }
     c.ws.get_mut().write_all(&batch).expect("write");
     assert_eq!(c.expect("rooms")["type"], "rooms");

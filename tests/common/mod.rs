@@ -10,6 +10,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use loopchat::store::memory::MemoryHistory;
+use loopchat::store::History;
 use loopchat::{Config, Server, ServerHandle};
 use serde_json::Value;
 use tungstenite::protocol::WebSocket;
@@ -30,13 +32,25 @@ impl TestServer {
         Self::with(Config::for_tests())
     }
 
-    pub fn with(mut config: Config) -> Self {
+    pub fn with(config: Config) -> Self {
+        Self::with_history(config, |config| {
+            Box::new(MemoryHistory::new(config.history_keep)) as Box<dyn History>
+        })
+    }
+
+    /// A server whose history `make` builds (on the server's thread: a
+    /// history, like the server, is not `Send`).
+    pub fn with_history<F>(mut config: Config, make: F) -> Self
+    where
+        F: FnOnce(&Config) -> Box<dyn History> + Send + 'static,
+    {
         config.shutdown_grace_ms = config.shutdown_grace_ms.min(1000);
         // The server is single-threaded by design (not Send): it is built
         // on the thread that runs it and reports where it listens.
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let server = Server::bind(config).expect("server binds");
+            let history = make(&config);
+            let server = Server::with_history(config, history).expect("server binds");
             tx.send((server.local_addr(), server.handle()))
                 .expect("report");
             server.run().expect("server loop");
@@ -181,14 +195,29 @@ impl Client {
 
     /// The next JSON event (pings are answered by tungstenite).
     pub fn next(&mut self) -> Value {
+        self.try_next()
+            .unwrap_or_else(|| panic!("connection closed while waiting for an event"))
+    }
+
+    /// The next JSON event, or `None` once the connection is gone (closed
+    /// or reset). Fails the test at the read deadline.
+    pub fn try_next(&mut self) -> Option<Value> {
         loop {
             match self.ws.read() {
                 Ok(Message::Text(t)) => {
-                    return serde_json::from_str(t.as_str()).expect("json event")
+                    return Some(serde_json::from_str(t.as_str()).expect("json event"))
                 }
-                Ok(Message::Close(c)) => panic!("closed by server: {c:?}"),
+                Ok(Message::Close(_)) => return None,
                 Ok(_) => continue,
-                Err(e) => panic!("read failed (deadline or error): {e}"),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("no event within the deadline")
+                }
+                Err(_) => return None,
             }
         }
     }
@@ -271,16 +300,88 @@ pub fn shrink_receive_buffer(stream: &TcpStream) {
     }
 }
 
-/// A masked client text frame (payload under 126 bytes), built by hand for
-/// tests that write raw bytes on the socket.
-pub fn masked_text(text: &str) -> Vec<u8> {
-    let payload = text.as_bytes();
-    assert!(payload.len() < 126);
-    let mask = [1u8, 2, 3, 4];
-    let mut f = vec![0x81, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+// ---- raw sockets, for tests that write or read frames by hand ------------
+
+/// A raw TCP connection whose reads and writes give up at [`DEADLINE`].
+pub fn raw_connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+    s.set_write_timeout(Some(DEADLINE)).expect("write timeout");
+    s
+}
+
+/// Read an HTTP response head byte by byte (so that no WebSocket frame
+/// behind it is consumed) and return it as text.
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+        assert!(head.len() < 16 * 1024, "response head too long");
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Upgrade by hand: send the request, read the 101. The socket is then a
+/// WebSocket on which this test writes whatever frames it likes.
+pub fn raw_session(addr: SocketAddr, path_and_query: &str) -> TcpStream {
+    let mut s = raw_connect(addr);
+    s.write_all(upgrade_request(path_and_query, "").as_bytes())
+        .expect("write upgrade");
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "no 101: {head:?}");
+    s
+}
+
+/// A client frame: first byte `b0` (FIN, RSV bits, opcode), payload masked
+/// unless `masked` is false.
+pub fn client_frame(b0: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut f = vec![b0];
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
     f
+}
+
+/// One server frame: (first byte, payload). Server frames are never
+/// masked.
+pub fn read_frame(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    assert_eq!(h[1] & 0x80, 0, "server frames must not be masked");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b)?;
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b)?;
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; usize::try_from(len).expect("frame length")];
+    s.read_exact(&mut payload)?;
+    Ok((h[0], payload))
 }
 
 /// Time left until `deadline`; fails the test once it has passed.
