@@ -167,8 +167,6 @@ pub struct Conn {
     pub last_seen_ms: u64,
     /// A heartbeat ping is out and unanswered.
     pub pinged: bool,
-    /// Holds a dispatcher membership (name claimed) that must be released.
-    pub member: bool,
     /// The WebSocket session opened and its end is not yet counted.
     pub session_open: bool,
     /// Queued in the server's flush list for this iteration.
@@ -194,7 +192,6 @@ impl Conn {
             since: None,
             last_seen_ms: now_ms,
             pinged: false,
-            member: false,
             session_open: false,
             dirty: false,
             doomed: false,

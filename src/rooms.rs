@@ -61,7 +61,6 @@ pub struct Rooms {
     /// Indexed by slab key: keys are dense, so a Vec is the cheapest map.
     members: Vec<Option<Member>>,
     names: HashMap<Rc<str>, ConnKey>,
-    member_count: usize,
     /// Bumped whenever a room's membership changes, so that answers derived
     /// from all rooms (the `rooms` listing) can be cached until then.
     version: u64,
@@ -117,7 +116,7 @@ impl Rooms {
     }
 
     pub fn member_count(&self) -> usize {
-        self.member_count
+        self.names.len()
     }
 
     /// Claim `name` for `key`. Fails when the name is taken.
@@ -138,7 +137,6 @@ impl Rooms {
             closing: false,
             bucket,
         });
-        self.member_count += 1;
         true
     }
 
@@ -195,7 +193,6 @@ impl Rooms {
     /// member (with the rooms it was in) so the caller can tell those rooms.
     pub fn remove_member(&mut self, key: ConnKey) -> Option<(Member, LeftRooms)> {
         let mut member = self.members.get_mut(key).and_then(Option::take)?;
-        self.member_count -= 1;
         self.names.remove(&member.name);
         let rooms = std::mem::take(&mut member.rooms);
         let gone = rooms

@@ -723,7 +723,6 @@ impl Server {
             }
         }
         if let Some(conn) = self.conns.get_mut(key) {
-            conn.member = true;
             conn.since = since;
         }
         Ok(())
@@ -1109,13 +1108,14 @@ impl Server {
             return;
         };
         let was_open = std::mem::take(&mut conn.session_open);
-        if std::mem::take(&mut conn.member) {
-            if self.shutdown_deadline.is_none() {
-                self.dispatcher.disconnect(key, &mut self.out);
-            } else {
-                // Everyone is leaving: no leave notices, just release.
-                self.dispatcher.disconnect(key, &mut Outbound::default());
-            }
+        // The room tables hold only the slot's current occupant (this
+        // removal path runs before a slot is freed), and `disconnect`
+        // ignores a key that holds no name, so no flag is needed here.
+        if self.shutdown_deadline.is_none() {
+            self.dispatcher.disconnect(key, &mut self.out);
+        } else {
+            // Everyone is leaving: no leave notices, just release.
+            self.dispatcher.disconnect(key, &mut Outbound::default());
         }
         if was_open {
             self.counters.sessions_closed += 1;
