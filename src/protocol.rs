@@ -114,7 +114,7 @@ pub struct Rejected<'a> {
 /// JSON (`bad_json`), and serde's tagged-enum errors only say "failed". Both
 /// shapes parse the text once; this one keeps the error codes exact.
 #[derive(Deserialize)]
-struct Wire<'a> {
+struct Fields<'a> {
     #[serde(rename = "type", borrow)]
     kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -134,7 +134,7 @@ const MESSAGE_SHAPE: &str = r#"{"type":"message","content":"…"}"#;
 
 /// Decode one text frame into a command, with the optional `ref`.
 pub fn decode(text: &str) -> Result<(Command<'_>, Option<Cow<'_, str>>), Rejected<'_>> {
-    let wire: Wire = match serde_json::from_str(text) {
+    let fields: Fields = match serde_json::from_str(text) {
         Ok(wire) => wire,
         Err(e) => {
             // serde quotes the offending input; keep the echo short.
@@ -150,7 +150,7 @@ pub fn decode(text: &str) -> Result<(Command<'_>, Option<Cow<'_, str>>), Rejecte
             });
         }
     };
-    let reference = wire.reference;
+    let reference = fields.reference;
     if let Some(r) = &reference {
         if r.chars().count() > MAX_REF_CHARS {
             return Err(Rejected {
@@ -160,7 +160,7 @@ pub fn decode(text: &str) -> Result<(Command<'_>, Option<Cow<'_, str>>), Rejecte
             });
         }
     }
-    let Some(kind) = wire.kind else {
+    let Some(kind) = fields.kind else {
         return Err(Rejected {
             code: ErrorCode::MissingField,
             reason: format!("field \"type\" is required, e.g. {MESSAGE_SHAPE}").into(),
@@ -168,39 +168,39 @@ pub fn decode(text: &str) -> Result<(Command<'_>, Option<Cow<'_, str>>), Rejecte
         });
     };
     let command = match &*kind {
-        "message" => match wire.content {
+        "message" => match fields.content {
             Some(content) => Command::Message {
                 content,
-                room: wire.room,
+                room: fields.room,
             },
             None => return Err(missing("content", reference)),
         },
-        "join" => match wire.room {
+        "join" => match fields.room {
             Some(room) => Command::Join {
                 room,
-                since: wire.since,
+                since: fields.since,
             },
             None => return Err(missing("room", reference)),
         },
-        "leave" => match wire.room {
+        "leave" => match fields.room {
             Some(room) => Command::Leave { room },
             None => return Err(missing("room", reference)),
         },
-        "direct" => match (wire.to, wire.content) {
+        "direct" => match (fields.to, fields.content) {
             (Some(to), Some(content)) => Command::Direct { to, content },
             (None, _) => return Err(missing("to", reference)),
             (_, None) => return Err(missing("content", reference)),
         },
         "rooms" => Command::Rooms,
-        "who" => match wire.room {
+        "who" => match fields.room {
             Some(room) => Command::Who { room },
             None => return Err(missing("room", reference)),
         },
-        "history" => match wire.room {
+        "history" => match fields.room {
             Some(room) => Command::History {
                 room,
-                before: wire.before,
-                limit: wire.limit,
+                before: fields.before,
+                limit: fields.limit,
             },
             None => return Err(missing("room", reference)),
         },
