@@ -2,13 +2,31 @@
 //! the last byte of its close.
 //!
 //! ```text
-//!   Head ──(plain request)──────────────▶ Linger ──(flushed, EOF)──▶ gone
-//!     │                                     ▲
-//!     │                                     └──(protocol error: close sent)─┐
-//!     └─(upgrade accepted)─▶ Handshake ─▶ Open ──(close sent)──▶ Closing ─▶ gone
-//!                          (tungstenite's    │                      ▲
-//!                           MidHandshake)    └──(peer closed)───────┘
+//!            plain request, refusal                      flushed, write side shut, EOF
+//!   Head ─────────────────────────────────▶ Linger ──────────────────────────────┐
+//!     │                                       ▲                                  │
+//!     │ upgrade accepted (101 queued)         │ protocol error: close queued     │
+//!     ▼                                       │                                  ▼
+//!   Open ─────────────────────────────────────┘                                Gone ─▶ slot freed
+//!     │  │ we close (shutdown, slow consumer, flood)                             ▲     after the batch
+//!     │  └──────────────▶ Closing ── peer's close arrives ──▶ Flushing ──────────┤
+//!     └──────── peer closes first (our reply queued) ─────────▲      flushed     │
+//!                                                                               │
+//!   any phase ── socket dead, deadline passed ─────────────────────────────────┘
 //! ```
+//!
+//! Every arrow out of `Open` (and into `Gone`) is taken by one function,
+//! `Server::leave`: the way out is a transition of this machine, not a set
+//! of flags. `Gone` holds no socket; the slab slot stays taken until the
+//! event batch is over, so that no event still in the batch can reach a
+//! slot that a new connection took over.
+//!
+//! There is no "handshake in progress" phase. loopchat reads the whole
+//! request head itself before tungstenite sees it, and tungstenite's
+//! writes land in the outbox, never on the socket, so tungstenite's server
+//! handshake cannot be interrupted: it completes in the call that starts
+//! it. (A phase that waits for something outside the socket, such as a
+//! name claimed across a cluster, would sit between `Head` and `Open`.)
 //!
 //! A connection knows sockets and frames, nothing about rooms: decoded text
 //! goes to the dispatcher through the server. All output, including what
@@ -22,8 +40,8 @@
 use std::io::{self, Read, Write};
 
 use mio::net::TcpStream;
-use tungstenite::handshake::server::{NoCallback, ServerHandshake};
-use tungstenite::handshake::{HandshakeError, MidHandshake};
+use tungstenite::handshake::server::NoCallback;
+use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::WebSocketConfig;
@@ -111,26 +129,28 @@ impl Write for Wire {
     }
 }
 
-type Handshake = MidHandshake<ServerHandshake<Wire, NoCallback>>;
-
-/// Where the connection is in its life.
+/// Where the connection is in its life (the diagram at the top of this
+/// file).
 pub enum Phase {
     /// Reading the HTTP request head into `buf`.
     Head { wire: Wire, buf: Vec<u8> },
-    /// tungstenite's handshake, suspended because its stream would block;
-    /// resumed on the next readiness event.
-    Handshake(Box<Handshake>),
-    /// A WebSocket session.
+    /// A WebSocket session: text frames go to the dispatcher.
     Open(Box<WebSocket<Wire>>),
-    /// We sent a close frame (or answered one) and wait for the peer's
-    /// reply, the flush, or the close deadline.
+    /// We sent a close frame and wait for the peer's (or the deadline).
+    /// Data frames that still arrive are read and ignored.
     Closing(Box<WebSocket<Wire>>),
+    /// The close handshake is complete (both close frames were sent or
+    /// queued): once the outbox is flushed, the connection is gone.
+    Flushing(Wire),
     /// Last bytes are queued (a plain HTTP answer, or a close frame after
     /// a protocol failure); after they are flushed the write side is shut
-    /// and input is read and discarded until EOF (or the close deadline),
-    /// so that unread input does not make the kernel reset the connection
-    /// and the peer sees those bytes.
+    /// and input is read and discarded until EOF (or the deadline), so
+    /// that unread input does not make the kernel reset the connection
+    /// before the peer has read those bytes.
     Linger { wire: Wire, shut: bool },
+    /// Closed: the socket is deregistered and dropped. The slot is freed
+    /// after the current event batch (`Server::reap`).
+    Gone,
     /// Transient, while a phase is being replaced.
     Taken,
 }
@@ -139,13 +159,28 @@ impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Head { .. } => "head",
-            Phase::Handshake(_) => "handshake",
             Phase::Open(_) => "open",
             Phase::Closing(_) => "closing",
+            Phase::Flushing(_) => "flushing",
             Phase::Linger { .. } => "linger",
+            Phase::Gone => "gone",
             Phase::Taken => "taken",
         }
     }
+
+    /// The wire, in every phase that still has a socket.
+    pub fn wire(&mut self) -> Option<&mut Wire> {
+        match self {
+            Phase::Head { wire, .. } | Phase::Linger { wire, .. } | Phase::Flushing(wire) => {
+                Some(wire)
+            }
+            Phase::Open(ws) | Phase::Closing(ws) => Some(ws.get_mut()),
+            Phase::Gone | Phase::Taken => None,
+        }
+    }
+
+    /// Every phase name, in the order of the diagram (for `/stats`).
+    pub const NAMES: [&'static str; 6] = ["head", "open", "closing", "flushing", "linger", "gone"];
 }
 
 /// What the upgrade leads to.
@@ -167,15 +202,8 @@ pub struct Conn {
     pub last_seen_ms: u64,
     /// A heartbeat ping is out and unanswered.
     pub pinged: bool,
-    /// The WebSocket session opened and its end is not yet counted.
-    pub session_open: bool,
     /// Queued in the server's flush list for this iteration.
     pub dirty: bool,
-    /// Marked for removal after the current event batch.
-    pub doomed: bool,
-    /// The close handshake is complete (the peer closed and our reply is
-    /// queued): remove as soon as the outbox is flushed.
-    pub close_when_flushed: bool,
     /// Registered for WRITABLE too (after a flush left bytes behind).
     pub want_write: bool,
 }
@@ -192,22 +220,14 @@ impl Conn {
             since: None,
             last_seen_ms: now_ms,
             pinged: false,
-            session_open: false,
             dirty: false,
-            doomed: false,
-            close_when_flushed: false,
             want_write: false,
         }
     }
 
     /// The connection's wire, whatever the phase.
     pub fn wire(&mut self) -> Option<&mut Wire> {
-        match &mut self.phase {
-            Phase::Head { wire, .. } | Phase::Linger { wire, .. } => Some(wire),
-            Phase::Handshake(mid) => Some(mid.get_mut().get_mut()),
-            Phase::Open(ws) | Phase::Closing(ws) => Some(ws.get_mut()),
-            Phase::Taken => None,
-        }
+        self.phase.wire()
     }
 
     /// Unsent output bytes.
@@ -218,54 +238,56 @@ impl Conn {
     pub fn is_open(&self) -> bool {
         matches!(self.phase, Phase::Open(_))
     }
+
+    /// Closed, waiting for the end of the batch to free its slot.
+    pub fn is_gone(&self) -> bool {
+        matches!(self.phase, Phase::Gone)
+    }
 }
 
-/// How a handshake attempt ended.
-pub enum Upgrade {
-    Done(Box<WebSocket<Wire>>),
-    Suspended(Box<Handshake>),
-    Failed(String),
+/// Why tungstenite refused an upgrade that loopchat's own checks let
+/// through (loopchat answers the common refusals itself, before this).
+#[derive(Debug)]
+pub struct HandshakeFailed(pub String);
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
 
-/// Hand the request head to tungstenite. `head` is exactly the request head;
-/// `early` the bytes that followed it.
+/// Hand the request head to tungstenite, which checks it and queues the
+/// 101 in the outbox. `head` is exactly the request head; `early` the bytes
+/// that followed it, replayed once the session is open.
+///
+/// On failure tungstenite has consumed the `Wire` (the socket with it), so
+/// no answer can be written any more: the caller can only drop the
+/// connection, which is why loopchat checks upgrades itself first.
 pub fn start_handshake(
     mut wire: Wire,
     head: Vec<u8>,
     early: Vec<u8>,
     config: WebSocketConfig,
-) -> Upgrade {
+) -> Result<Box<WebSocket<Wire>>, HandshakeFailed> {
     wire.replay = head;
     wire.replay_at = 0;
     wire.early = early;
     wire.handshaking = true;
-    finish(tungstenite::accept_hdr_with_config(
-        wire,
-        NoCallback,
-        Some(config),
-    ))
-}
-
-/// Resume a suspended handshake on readiness.
-pub fn resume_handshake(mid: Handshake) -> Upgrade {
-    finish(mid.handshake())
-}
-
-fn finish(
-    result: Result<WebSocket<Wire>, HandshakeError<ServerHandshake<Wire, NoCallback>>>,
-) -> Upgrade {
-    match result {
+    match tungstenite::accept_hdr_with_config(wire, NoCallback, Some(config)) {
         Ok(mut ws) => {
             let wire = ws.get_mut();
             wire.handshaking = false;
             wire.replay = std::mem::take(&mut wire.early);
             wire.replay_at = 0;
-            Upgrade::Done(Box::new(ws))
+            Ok(Box::new(ws))
         }
-        // A handshake in progress is a state, not an error: keep it and
-        // resume when the socket is ready again.
-        Err(HandshakeError::Interrupted(mid)) => Upgrade::Suspended(Box::new(mid)),
-        Err(HandshakeError::Failure(e)) => Upgrade::Failed(e.to_string()),
+        // Cannot happen while the head is complete and writes go to the
+        // outbox (see the module doc); if the Wire ever changes so that it
+        // can, it must become a phase, not a silent hang.
+        Err(HandshakeError::Interrupted(_)) => Err(HandshakeFailed(
+            "handshake did not complete on a complete request head".into(),
+        )),
+        Err(HandshakeError::Failure(e)) => Err(HandshakeFailed(e.to_string())),
     }
 }
 

@@ -32,7 +32,7 @@ use slab::Slab;
 use tungstenite::Message;
 
 use crate::config::Config;
-use crate::conn::{self, Conn, Endpoint, Inbound, Phase, Upgrade};
+use crate::conn::{self, Conn, Endpoint, HandshakeFailed, Inbound, Phase};
 use crate::dispatch::{Clock, Dispatcher, Outbound, Refusal, SessionRequest, Settings};
 use crate::http::{self, Head, HeadError};
 use crate::outbox::Flushed;
@@ -47,10 +47,11 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
-/// Most messages read from one connection per event. A client that sends
+/// Most frames (data and control alike: a ping costs as much to read as a
+/// message) read from one connection per event. A client that sends
 /// without pause would otherwise keep the loop on its socket forever; past
-/// the budget the connection is queued to continue next iteration (the
-/// edge-triggered event will not come again by itself).
+/// the budget the connection is queued in `again` to continue next
+/// iteration (the edge-triggered event will not come again by itself).
 const READ_BUDGET: usize = 128;
 
 /// Pending deliveries after which a batch delivers early (about 2.5 MiB of
@@ -58,7 +59,8 @@ const READ_BUDGET: usize = 128;
 const OUTBOUND_SOFT_CAP: usize = 1 << 16;
 
 /// How long a close we started may take before the socket is dropped, and
-/// how long an HTTP answer may linger for the peer to read it.
+/// how long an HTTP answer may linger for the peer to read it. During a
+/// shutdown the configured `--shutdown-grace-ms` applies instead.
 const CLOSE_GRACE_MS: u64 = 2_000;
 
 /// Connections over `--max-connections` that are still answered 503 (and
@@ -111,6 +113,24 @@ impl ServerHandle {
     }
 }
 
+/// How a connection leaves: the argument of [`Server::leave`], the one way
+/// out. Each names the phase it leads to (see the diagram in `conn.rs`).
+enum Exit {
+    /// Send a close frame and wait for the peer's reply (→ `Closing`).
+    Goodbye(u16, &'static str),
+    /// The peer broke the protocol: send a close frame, but do not wait for
+    /// a reply it may never send (→ `Linger`).
+    Reject(u16, &'static str),
+    /// The peer completed the close handshake: flush what is queued, then
+    /// go (→ `Flushing`, or `Gone` when nothing is queued).
+    Finished,
+    /// A plain HTTP answer from a connection still in `Head` (→ `Linger`).
+    Answer(Vec<u8>),
+    /// Nothing more can be said: the socket failed, a deadline passed, or
+    /// the last bytes are out (→ `Gone`).
+    Drop,
+}
+
 /// How reading an open connection ended.
 enum End {
     Clean,
@@ -137,11 +157,14 @@ pub struct Server {
     dispatcher: Dispatcher,
     out: Outbound,
     timers: Timers,
-    /// Connections with output to flush this iteration.
+    /// Connections with output to flush this iteration (each at most
+    /// once: `Conn::dirty`). Emptied by `flush_dirty`.
     dirty: Vec<usize>,
-    /// Connections to remove after this iteration's batch.
-    doomed: Vec<usize>,
-    /// Connections whose read budget ran out: (key, generation).
+    /// Connections in `Phase::Gone`, whose slots `reap` frees after the
+    /// batch. Emptied by `reap`.
+    gone: Vec<usize>,
+    /// Connections whose read budget ran out: (key, generation), read
+    /// again next iteration by `continue_reads`.
     again: Vec<(usize, u64)>,
     accept_retry_at: Option<u64>,
     shutdown_deadline: Option<u64>,
@@ -217,7 +240,7 @@ impl Server {
             out: Outbound::default(),
             timers: Timers::new(),
             dirty: Vec::new(),
-            doomed: Vec::new(),
+            gone: Vec::new(),
             again: Vec::new(),
             accept_retry_at: None,
             shutdown_deadline: None,
@@ -477,7 +500,8 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.doomed {
+        // Gone during this batch: the event is stale.
+        if conn.is_gone() {
             return;
         }
         if writable {
@@ -495,10 +519,11 @@ impl Server {
         };
         match conn.phase {
             Phase::Head { .. } => self.read_head(key),
-            Phase::Handshake(_) => self.resume_handshake(key),
             Phase::Open(_) | Phase::Closing(_) => self.read_frames(key),
             Phase::Linger { .. } => self.drain_lingering(key),
-            Phase::Taken => {}
+            // Both close frames are out: nothing more is read, the
+            // connection goes when its reply is flushed.
+            Phase::Flushing(_) | Phase::Gone | Phase::Taken => {}
         }
     }
 
@@ -508,7 +533,7 @@ impl Server {
             if self
                 .conns
                 .get(key)
-                .is_some_and(|c| c.generation == generation && !c.doomed)
+                .is_some_and(|c| c.generation == generation && !c.is_gone())
             {
                 self.read(key);
             }
@@ -555,7 +580,7 @@ impl Server {
         match result {
             Ok(None) => {}
             Ok(Some(head)) => self.route(key, head),
-            Err(None) => self.abort(key),
+            Err(None) => self.leave(key, Exit::Drop),
             Err(Some(HeadError::TooLarge)) => {
                 self.counters.reject(Reject::HeadTooLarge);
                 let body = http::text(431, &format!("request head larger than {limit} bytes"));
@@ -728,8 +753,10 @@ impl Server {
         Ok(())
     }
 
-    /// Hand the head to tungstenite and, if it completes, open the session.
+    /// Hand the head to tungstenite and open the session: the 101 is queued
+    /// and the dispatcher greets the member.
     fn upgrade(&mut self, key: usize, head: Head, endpoint: Endpoint) {
+        let now = self.now_ms();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -738,33 +765,13 @@ impl Server {
         };
         conn.endpoint = endpoint;
         let early = buf.split_off(head.len);
-        let result = conn::start_handshake(wire, buf, early, self.ws_config);
-        self.after_handshake(key, result);
-    }
-
-    fn resume_handshake(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let Phase::Handshake(mid) = std::mem::replace(&mut conn.phase, Phase::Taken) else {
-            return;
-        };
-        let result = conn::resume_handshake(*mid);
-        self.after_handshake(key, result);
-    }
-
-    fn after_handshake(&mut self, key: usize, result: Upgrade) {
-        let now = self.now_ms();
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        match result {
-            Upgrade::Done(ws) => {
+        match conn::start_handshake(wire, buf, early, self.ws_config) {
+            Ok(ws) => {
                 conn.phase = Phase::Open(ws);
-                conn.session_open = true;
-                let (generation, since, endpoint) = (conn.generation, conn.since, conn.endpoint);
+                let (generation, since) = (conn.generation, conn.since);
                 self.counters.sessions_opened += 1;
                 conn.last_seen_ms = now;
+                // Replaces the handshake deadline.
                 self.timers.arm(
                     now + self.config.heartbeat_ms,
                     key,
@@ -779,13 +786,14 @@ impl Server {
                 // request): read now, the readiness edge has passed.
                 self.read_frames(key);
             }
-            Upgrade::Suspended(mid) => conn.phase = Phase::Handshake(mid),
-            Upgrade::Failed(why) => {
-                // tungstenite keeps the stream on failure, so no answer can
-                // be written; loopchat's own checks answer the common cases.
+            Err(HandshakeFailed(why)) => {
+                // tungstenite took the socket with it, so no answer can be
+                // written; loopchat's own checks answer the common cases.
                 log::debug!("conn #{key}: handshake failed: {why}");
                 self.counters.reject(Reject::HandshakeFailed);
-                self.abort(key);
+                // The phase is `Taken`: `leave` only finishes the removal
+                // (the name claimed by `admit` is released there).
+                self.leave(key, Exit::Drop);
             }
         }
     }
@@ -883,32 +891,14 @@ impl Server {
         }
         match end {
             None => {}
-            Some(End::Clean) => {
-                // The peer closed and our reply is queued: the connection is
-                // closing, goes once the reply is flushed, and at the latest
-                // at the close deadline if the peer stops reading.
-                self.end_session(key);
-                let deadline = self.now_ms() + CLOSE_GRACE_MS;
-                if let Some(conn) = self.conns.get_mut(key) {
-                    conn.phase = match std::mem::replace(&mut conn.phase, Phase::Taken) {
-                        Phase::Open(ws) => Phase::Closing(ws),
-                        other => other,
-                    };
-                    conn.close_when_flushed = true;
-                    let generation = conn.generation;
-                    self.timers.arm(deadline, key, generation, Kind::Close);
-                    if !has_output {
-                        self.abort(key);
-                    }
-                }
-            }
+            Some(End::Clean) => self.leave(key, Exit::Finished),
             Some(End::Fail(code, reason)) => {
                 log::debug!("conn #{key}: closing with {code}: {reason}");
                 self.counters.protocol_closes += 1;
-                self.close_with(key, code, reason, false);
+                self.leave(key, Exit::Reject(code, reason));
             }
-            Some(End::Gone) => self.abort(key),
-            Some(End::Overflow) => self.drop_slow_consumer(key),
+            Some(End::Gone) => self.leave(key, Exit::Drop),
+            Some(End::Overflow) => self.shed_slow_consumer(key),
         }
         self.relieve_outbound();
     }
@@ -932,7 +922,7 @@ impl Server {
             }
         }
         if let Some(Phase::Linger { shut: true, .. }) = self.conns.get(key).map(|c| &c.phase) {
-            self.abort(key);
+            self.leave(key, Exit::Drop);
         }
     }
 
@@ -974,7 +964,7 @@ impl Server {
                         req.code,
                         req.reason
                     );
-                    self.close_with(req.key, req.code, req.reason, true);
+                    self.leave(req.key, Exit::Goodbye(req.code, req.reason));
                 }
                 None => break,
             }
@@ -990,43 +980,41 @@ impl Server {
         let Some(conn) = self.conns.get_mut(to) else {
             return;
         };
-        if conn.doomed || !conn.is_open() {
+        if !conn.is_open() {
             return;
         }
         let Some(wire) = conn.wire() else {
             return;
         };
         if !wire.outbox.admits(frame.len(), limit) {
-            return self.drop_slow_consumer(to);
+            return self.shed_slow_consumer(to);
         }
         wire.outbox.push(frame);
         self.mark_dirty(to);
     }
 
     /// The slow-consumer policy (see `outbox.rs`): free the unsent
-    /// output, say 1008 if the socket takes it, and close.
-    fn drop_slow_consumer(&mut self, key: usize) {
+    /// output, then say goodbye with 1008 (which the peer sees if it ever
+    /// reads again).
+    fn shed_slow_consumer(&mut self, key: usize) {
         let Some(wire) = self.conns.get_mut(key).and_then(Conn::wire) else {
             return;
         };
         let freed = wire.outbox.discard_unstarted();
         log::info!("conn #{key}: slow consumer ({freed} bytes unsent), closing with 1008");
         self.counters.slow_consumer_drops += 1;
-        self.close_with(key, 1008, "slow consumer", true);
+        self.leave(key, Exit::Goodbye(1008, "slow consumer"));
     }
 
-    /// Write every dirty connection's outbox once, until it is empty or the
-    /// socket is full.
+    /// Write every dirty connection's outbox until it is empty or the
+    /// socket is full (`Outbox::write_to` hands up to 64 frames to each
+    /// `writev`).
     fn flush_dirty(&mut self) {
         for key in std::mem::take(&mut self.dirty) {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             conn.dirty = false;
-            if conn.doomed {
-                continue;
-            }
-            let close_when_flushed = conn.close_when_flushed;
             let Some(wire) = conn.wire() else {
                 continue;
             };
@@ -1034,8 +1022,8 @@ impl Server {
             match result {
                 Ok((n, Flushed::All)) => {
                     self.counters.bytes_out += n as u64;
-                    if let Phase::Linger { wire, shut } = &mut conn.phase {
-                        if !*shut {
+                    match &mut conn.phase {
+                        Phase::Linger { wire, shut } if !*shut => {
                             // Last bytes sent: half-close and let the peer
                             // read them; drain_lingering reaps at EOF.
                             let _ = wire.sock.shutdown(std::net::Shutdown::Write);
@@ -1044,8 +1032,8 @@ impl Server {
                             // and that edge has passed: look now.
                             self.drain_lingering(key);
                         }
-                    } else if close_when_flushed {
-                        self.abort(key);
+                        Phase::Flushing(_) => self.leave(key, Exit::Drop),
+                        _ => {}
                     }
                 }
                 Ok((n, Flushed::Partly)) => {
@@ -1064,133 +1052,156 @@ impl Server {
                                 interest,
                             ) {
                                 log::debug!("conn #{key}: reregister failed: {e}");
-                                self.abort(key);
+                                self.leave(key, Exit::Drop);
                             }
                         }
                     }
                 }
                 Err(e) => {
                     log::debug!("conn #{key}: write failed: {e}");
-                    self.abort(key);
+                    self.leave(key, Exit::Drop);
                 }
             }
         }
     }
 
-    // ---- closing --------------------------------------------------------
+    // ---- the way out ----------------------------------------------------
 
-    /// Replace the connection's phase with a plain HTTP answer.
+    /// Answer a connection still reading its request head with a plain
+    /// HTTP response, then close it (through [`Server::leave`]).
     fn answer(&mut self, key: usize, bytes: Vec<u8>) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let wire = match std::mem::replace(&mut conn.phase, Phase::Taken) {
-            Phase::Head { wire, .. } => wire,
-            other => {
-                conn.phase = other;
-                return self.abort(key);
-            }
-        };
-        let mut wire = wire;
-        wire.queue(bytes);
-        conn.phase = Phase::Linger { wire, shut: false };
-        self.counters.http_answers += 1;
-        let generation = conn.generation;
-        self.timers
-            .arm(self.now_ms() + CLOSE_GRACE_MS, key, generation, Kind::Close);
-        self.mark_dirty(key);
+        self.leave(key, Exit::Answer(bytes));
     }
 
-    /// The session is over for the dispatcher: leave every room (telling
-    /// them) and release the name. Idempotent.
-    fn end_session(&mut self, key: usize) {
+    /// The one way out of a connection: every end, polite or not, is a
+    /// call to this function, and each [`Exit`] is one transition of the
+    /// state machine in `conn.rs`.
+    ///
+    /// 1. The first goodbye stands: a connection already saying goodbye
+    ///    (`Closing`, `Flushing`, `Linger`) ignores another one, and only
+    ///    [`Exit::Drop`] (or the peer's close reply, [`Exit::Finished`])
+    ///    cuts it short. A `Gone` connection ignores everything.
+    /// 2. The session ends the moment the connection starts to leave, not
+    ///    when its socket finally goes: [`Server::end_session`] takes the
+    ///    member out of every room (the others get `leave` now) and
+    ///    releases its name.
+    /// 3. The new phase is entered: a close frame or an HTTP answer is
+    ///    queued and the close deadline armed; or, for `Gone`, the socket
+    ///    is deregistered and dropped, its deadline cancelled, and the slot
+    ///    listed for [`Server::reap`] after the batch.
+    fn leave(&mut self, key: usize, exit: Exit) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let saying_goodbye = matches!(
+            conn.phase,
+            Phase::Closing(_) | Phase::Flushing(_) | Phase::Linger { .. }
+        );
+        match exit {
+            _ if conn.is_gone() => return,
+            Exit::Goodbye(..) | Exit::Reject(..) | Exit::Answer(_) if saying_goodbye => return,
+            _ => {}
+        }
+        self.end_session(key);
+        let deadline = self.close_deadline();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let was_open = std::mem::take(&mut conn.session_open);
-        // The room tables hold only the slot's current occupant (this
-        // removal path runs before a slot is freed), and `disconnect`
-        // ignores a key that holds no name, so no flag is needed here.
+        let was = conn.phase.name();
+        let next = match (std::mem::replace(&mut conn.phase, Phase::Taken), exit) {
+            (Phase::Open(mut ws), Exit::Goodbye(code, reason)) => {
+                match conn::send_close(&mut ws, code, reason) {
+                    true => Phase::Closing(ws),
+                    false => Phase::Gone,
+                }
+            }
+            (Phase::Open(mut ws), Exit::Reject(code, reason)) => {
+                match conn::send_close(&mut ws, code, reason) {
+                    true => Phase::Linger {
+                        wire: ws.into_inner(),
+                        shut: false,
+                    },
+                    false => Phase::Gone,
+                }
+            }
+            (Phase::Open(ws) | Phase::Closing(ws), Exit::Finished) => {
+                let wire = ws.into_inner();
+                match wire.outbox.is_empty() {
+                    true => Phase::Gone,
+                    false => Phase::Flushing(wire),
+                }
+            }
+            (Phase::Head { mut wire, .. }, Exit::Answer(bytes)) => {
+                wire.queue(bytes);
+                self.counters.http_answers += 1;
+                Phase::Linger { wire, shut: false }
+            }
+            // Drop, or a goodbye that this phase cannot say (a connection
+            // still in `Head` at shutdown): the socket goes now.
+            (mut old, _) => {
+                if let Some(wire) = old.wire() {
+                    let _ = self.poll.registry().deregister(&mut wire.sock);
+                }
+                Phase::Gone
+            }
+        };
+        let generation = conn.generation;
+        conn.phase = next;
+        if conn.is_gone() {
+            // Dropping the old phase closed the socket (if the goodbye
+            // above could not even be queued, it is dropped here).
+            self.timers.cancel(key);
+            self.gone.push(key);
+            log::debug!("conn #{key} removed ({was})");
+        } else {
+            // Replaces the heartbeat or handshake deadline.
+            self.timers.arm(deadline, key, generation, Kind::Close);
+            self.mark_dirty(key);
+        }
+    }
+
+    /// When a goodbye started now must be over: the close grace, or the
+    /// configured shutdown grace while shutting down.
+    fn close_deadline(&self) -> u64 {
+        self.shutdown_deadline
+            .unwrap_or_else(|| self.now_ms() + CLOSE_GRACE_MS)
+    }
+
+    /// The dispatcher's side of leaving: out of every room (telling each)
+    /// and the name released. Called by [`Server::leave`] only; harmless
+    /// for a connection that never became a member.
+    fn end_session(&mut self, key: usize) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        // A session is open exactly while the phase is `Open`, and `leave`
+        // moves every connection out of `Open` the first time it runs.
+        if conn.is_open() {
+            self.counters.sessions_closed += 1;
+        }
+        // The room tables hold only the slot's current occupant (the slot
+        // is not freed before `reap`), and `disconnect` ignores a key that
+        // holds no name.
         if self.shutdown_deadline.is_none() {
             self.dispatcher.disconnect(key, &mut self.out);
         } else {
             // Everyone is leaving: no leave notices, just release.
             self.dispatcher.disconnect(key, &mut Outbound::default());
         }
-        if was_open {
-            self.counters.sessions_closed += 1;
-        }
     }
 
-    /// Start a WebSocket close with `code`. With `wait_for_reply`, the
-    /// socket stays until the peer answers or the grace period ends.
-    /// Without (the peer broke the protocol and is not trusted to answer),
-    /// the connection lingers: close frame flushed, write side shut, input
-    /// discarded until EOF, so that unread input does not turn the close
-    /// into a reset that could destroy the close frame in flight.
-    fn close_with(&mut self, key: usize, code: u16, reason: &'static str, wait_for_reply: bool) {
-        self.end_session(key);
-        let grace = self.now_ms() + CLOSE_GRACE_MS;
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let ws = match std::mem::replace(&mut conn.phase, Phase::Taken) {
-            Phase::Open(ws) => ws,
-            // Already closing: the first close stands.
-            Phase::Closing(ws) => {
-                conn.phase = Phase::Closing(ws);
-                return;
-            }
-            other => {
-                conn.phase = other;
-                return self.abort(key);
-            }
-        };
-        let mut ws = ws;
-        if !conn::send_close(&mut ws, code, reason) {
-            conn.phase = Phase::Closing(ws);
-            return self.abort(key);
-        }
-        conn.phase = if wait_for_reply {
-            Phase::Closing(ws)
-        } else {
-            Phase::Linger {
-                wire: ws.into_inner(),
-                shut: false,
-            }
-        };
-        let generation = conn.generation;
-        self.timers.arm(grace, key, generation, Kind::Close);
-        self.mark_dirty(key);
-    }
-
-    /// Mark a connection for removal after this batch; its session ends
-    /// now. The single way every connection ends.
-    fn abort(&mut self, key: usize) {
-        self.end_session(key);
-        if let Some(conn) = self.conns.get_mut(key) {
-            if !conn.doomed {
-                conn.doomed = true;
-                self.doomed.push(key);
-            }
-        }
-    }
-
-    /// Remove the marked connections: deregister, free the slot. A freed
-    /// slot may be reused by the next accept, hence generations on timers.
+    /// Free the slots of connections that went during this batch. Their
+    /// sockets are already closed; a freed slot may be reused by the next
+    /// accept, hence generations on everything that names a connection
+    /// later.
     fn reap(&mut self) {
-        if self.doomed.is_empty() {
+        if self.gone.is_empty() {
             return;
         }
-        for key in std::mem::take(&mut self.doomed) {
-            if !self.conns.contains(key) {
-                continue;
+        for key in std::mem::take(&mut self.gone) {
+            if self.conns.get(key).is_some_and(Conn::is_gone) {
+                self.conns.remove(key);
             }
-            let mut conn = self.conns.remove(key);
-            if let Some(wire) = conn.wire() {
-                let _ = self.poll.registry().deregister(&mut wire.sock);
-            }
-            log::debug!("conn #{key} removed ({})", conn.phase.name());
         }
         // Descriptors were freed: if accepts were paused for lack of them,
         // try again now rather than at the retry deadline.
@@ -1212,21 +1223,24 @@ impl Server {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            if conn.doomed {
-                continue;
-            }
+            // Each phase arms the one deadline it waits for, replacing the
+            // previous one, so the kind and the phase agree; the checks
+            // keep it so if a future change forgets to re-arm.
             match timer.kind {
                 Kind::Handshake => {
-                    if matches!(conn.phase, Phase::Head { .. } | Phase::Handshake(_)) {
+                    if matches!(conn.phase, Phase::Head { .. }) {
                         log::debug!("conn #{key}: handshake timeout");
                         self.counters.reject(Reject::HandshakeTimeout);
-                        self.abort(key);
+                        self.leave(key, Exit::Drop);
                     }
                 }
                 Kind::Heartbeat => self.heartbeat(key, now),
                 Kind::Close => {
-                    if matches!(conn.phase, Phase::Closing(_) | Phase::Linger { .. }) {
-                        self.abort(key);
+                    if matches!(
+                        conn.phase,
+                        Phase::Closing(_) | Phase::Flushing(_) | Phase::Linger { .. }
+                    ) {
+                        self.leave(key, Exit::Drop);
                     }
                 }
             }
@@ -1260,7 +1274,7 @@ impl Server {
         } else {
             log::debug!("conn #{key}: no pong within {interval} ms, dropping");
             self.counters.heartbeat_timeouts += 1;
-            self.abort(key);
+            self.leave(key, Exit::Drop);
         }
     }
 
@@ -1284,7 +1298,8 @@ impl Server {
     }
 
     /// Stop accepting, send every client close 1001 and wait (bounded by
-    /// the grace period) for their replies.
+    /// `--shutdown-grace-ms`, which `close_deadline` gives every goodbye
+    /// from now on) for their replies. Goodbyes already under way go on.
     fn begin_shutdown(&mut self) {
         log::info!(
             "shutting down: closing {} connection(s), waiting up to {} ms",
@@ -1297,10 +1312,12 @@ impl Server {
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            match self.conns.get(key).map(|c| c.is_open()) {
-                Some(true) => self.close_with(key, 1001, "server shutting down", true),
-                Some(false) => self.abort(key),
-                None => {}
+            match self.conns.get(key).map(|c| &c.phase) {
+                Some(Phase::Open(_)) => {
+                    self.leave(key, Exit::Goodbye(1001, "server shutting down"))
+                }
+                Some(Phase::Head { .. }) => self.leave(key, Exit::Drop),
+                _ => {}
             }
         }
         self.settle();
@@ -1322,11 +1339,12 @@ impl Server {
 
     /// Gather `/stats`.
     pub fn snapshot(&mut self) -> Snapshot {
-        let mut by_state: Vec<(&'static str, u64)> =
-            ["head", "handshake", "open", "closing", "linger"]
-                .iter()
-                .map(|s| (*s, 0))
-                .collect();
+        // "handshake" is always 0 (the handshake completes in the call that
+        // starts it, see conn.rs) and stays for dashboards that chart it.
+        let mut by_state: Vec<(&'static str, u64)> = std::iter::once("handshake")
+            .chain(Phase::NAMES)
+            .map(|s| (s, 0))
+            .collect();
         let mut outbox_bytes = 0u64;
         for (_, conn) in self.conns.iter_mut() {
             let name = conn.phase.name();
