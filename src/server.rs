@@ -67,6 +67,20 @@ const CLOSE_GRACE_MS: u64 = 2_000;
 /// so briefly hold a slot and a descriptor); past that they are dropped.
 const REJECT_SLOTS: usize = 64;
 
+/// The kernel send buffer asked for on every accepted socket (`SO_SNDBUF`;
+/// Linux doubles it for its own bookkeeping, so about this much payload).
+///
+/// Why cap it: the slow-consumer rule counts only the outbox, and Linux
+/// autotunes a socket's send buffer up to `net.ipv4.tcp_wmem`'s maximum
+/// (4 MiB by default). A reader that stops reading would first fill that
+/// unseen, so it held about 1.4 MB before its outbox even started to grow
+/// and met the bound; with the cap, what one stalled reader can hold in
+/// total is `--max-outbox-bytes` plus about twice this. 64 KiB is still far
+/// more than a chat connection has in flight: a fast reader drains it
+/// between two iterations, and anything beyond waits in the outbox, where
+/// it is counted.
+pub const KERNEL_SEND_BUFFER: usize = 64 * 1024;
+
 /// After `accept` fails for lack of descriptors, wait this long before
 /// trying again. Retrying at once would spin: the pending connection stays
 /// in the backlog and the listener stays ready.
@@ -460,6 +474,7 @@ impl Server {
             return;
         }
         let _ = sock.set_nodelay(true);
+        cap_send_buffer(&sock);
         let generation = self.next_generation;
         self.next_generation += 1;
         let now = self.now_ms();
@@ -1374,6 +1389,7 @@ impl Server {
             errors_sent: d.errors,
             unkept: d.unkept,
             outbox_bytes,
+            timers: self.timers.len() as u64,
             store: self.dispatcher.history_ref().counters(),
             max_connections: self.max_connections as u64,
             rss_bytes,
@@ -1419,6 +1435,24 @@ fn widen_backlog(listener: &TcpListener) {
     // backlog in place, which is harmless.
     unsafe {
         libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG);
+    }
+}
+
+/// Ask for a [`KERNEL_SEND_BUFFER`]-sized send buffer. Failure only leaves
+/// the kernel's default in place.
+fn cap_send_buffer(sock: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size = KERNEL_SEND_BUFFER as libc::c_int;
+    // SAFETY: setsockopt on a descriptor we own, with a c_int option value
+    // and its size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 

@@ -109,6 +109,8 @@ pub struct Snapshot {
     pub errors_sent: u64,
     pub unkept: u64,
     pub outbox_bytes: u64,
+    /// Deadlines pending in the timer heap (at most one per connection).
+    pub timers: u64,
     pub store: Vec<(&'static str, u64)>,
     pub max_connections: u64,
     /// Resident memory of the process, bytes (from /proc; 0 elsewhere).
@@ -194,6 +196,7 @@ impl Snapshot {
             "protocol_closes": l.protocol_closes,
             "accept_fd_exhausted": l.accept_fd_exhausted,
             "outbox_bytes": self.outbox_bytes,
+            "timers": self.timers,
             "loop_iterations": l.iterations,
             "loop_slowest_us": l.slowest_iteration_us,
             "http_answers": l.http_answers,
@@ -240,6 +243,12 @@ impl Snapshot {
             &[("", self.max_connections)],
         );
         metric("rooms", "gauge", "Live rooms.", &[("", self.rooms)]);
+        metric(
+            "timers",
+            "gauge",
+            "Deadlines pending (at most one per connection).",
+            &[("", self.timers)],
+        );
         metric(
             "accepted_total",
             "counter",

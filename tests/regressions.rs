@@ -150,3 +150,98 @@ fn upgrades_tungstenite_would_refuse_get_400() {
         assert!(body.contains(why), "{body}");
     }
 }
+
+/// Bug: `--shutdown-grace-ms` above 2 s was ignored: the 1001 goodbyes of a
+/// shutdown used the fixed 2 s close deadline, so with a grace of 5 s the
+/// server dropped a client that answered after 3 s and exited at 2 s. Now
+/// every goodbye of a shutdown waits for the configured grace.
+///
+/// The client here is a slow peer on purpose: it holds its close reply
+/// for 2.5 s (a sleep that simulates that peer, not a wait for the server).
+#[test]
+fn shutdown_waits_for_the_configured_grace() {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut bin = common::Bin::start(
+        &["--no-persist", "--shutdown-grace-ms", "6000"],
+        None,
+        deadline,
+    );
+    let mut slow = common::Client::connect(&bin.url("username=slow"));
+    slow.opening();
+    bin.signal(libc::SIGTERM);
+    let close = slow.ws.read().expect("the server's goodbye");
+    match close {
+        tungstenite::Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(
+        bin.child.try_wait().expect("child status").is_none(),
+        "the server exited before the shutdown grace was over"
+    );
+    // The late reply still completes the close handshake: the server
+    // removes the connection, has nothing left, and exits cleanly.
+    slow.ws.close(None).expect("our close reply");
+    let _ = slow.ws.flush();
+    let (status, _) = bin.wait_exit(deadline);
+    assert!(status.success(), "{status:?}");
+}
+
+/// Bug: deadlines of closed connections stayed in the timer heap until they
+/// came due (a heartbeat 30 s out for every connection that ever came and
+/// went), so the heap grew with churn, not with live connections. Now a
+/// connection's one deadline is cancelled when it goes.
+#[test]
+fn timers_are_bounded_by_live_connections() {
+    let server = TestServer::start();
+    let mut stay = server.client("stays");
+    stay.opening();
+    for i in 0..300 {
+        let mut c = server.client(&format!("churn{i}"));
+        c.opening();
+        let _ = c.ws.close(None);
+        let _ = c.close_code();
+    }
+    let s = server.wait_stats("churners gone", |s| s["connections"] == 1);
+    // The one session that stays, and the /stats request itself.
+    assert!(s["timers"].as_u64().expect("timers") <= 2, "{s}");
+}
+
+/// Bug: the slow-consumer rule counted only loopchat's outbox, while the
+/// kernel's send buffer autotuned up to megabytes: a reader that stopped
+/// reading held about 1.4 MB before its outbox even met the bound. The
+/// send buffer is now capped (`KERNEL_SEND_BUFFER`), so what a stalled
+/// reader can hold in total is the outbox bound plus a small, fixed amount.
+#[test]
+fn a_stalled_reader_holds_little_beyond_its_outbox() {
+    const OUTBOX: usize = 64 * 1024;
+    let mut config = loopchat::Config::for_tests();
+    config.max_outbox_bytes = OUTBOX;
+    config.rate_per_s = 100_000;
+    config.rate_burst = 100_000;
+    let server = TestServer::with(config);
+    let mut stalled = server.client("stalled");
+    stalled.opening();
+    common::shrink_receive_buffer(stalled.ws.get_ref());
+    let mut sender = server.client("sender");
+    sender.opening();
+    let content = "x".repeat(3000);
+    let mut sent = 0usize;
+    // Bounded: 2,000 messages of 3 KB is 6 MB, far past any bound.
+    while sent < 2000 {
+        sender.say(&content);
+        sent += 1;
+        if sent % 8 == 0 && server.stats()["slow_consumer_drops"] == 1 {
+            break;
+        }
+    }
+    server.wait_stats("stalled reader dropped", |s| s["slow_consumer_drops"] == 1);
+    let held = sent * (content.len() + 100);
+    // Outbox bound + twice the capped send buffer + the 4 KiB receive
+    // buffer and loopback slack; without the cap this was over 1.4 MB.
+    let allowance = OUTBOX + 2 * loopchat::server::KERNEL_SEND_BUFFER + 64 * 1024;
+    assert!(
+        held <= allowance,
+        "{sent} messages ({held} bytes) reached the stalled reader before it was dropped"
+    );
+}
