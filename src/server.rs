@@ -306,9 +306,10 @@ impl Server {
             }
             let iteration_start = Instant::now();
             self.counters.iterations += 1;
-            if self.config.trace_loop {
+            let before = self.config.trace_loop.then(|| {
                 self.trace(&events, timeout);
-            }
+                self.trace_marks()
+            });
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -341,6 +342,9 @@ impl Server {
             }
             let spent = iteration_start.elapsed().as_micros() as u64;
             self.counters.slowest_iteration_us = self.counters.slowest_iteration_us.max(spent);
+            if let Some(before) = before {
+                self.trace_done(before, spent);
+            }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || self.now_ms() >= deadline {
                     return self.finish();
@@ -362,6 +366,36 @@ impl Server {
         ];
         let next = deadlines.into_iter().flatten().min()?;
         Some(Duration::from_millis(next.saturating_sub(self.now_ms())))
+    }
+
+    /// The counters `trace_done` reports the change of.
+    fn trace_marks(&self) -> [u64; 5] {
+        let l = &self.counters;
+        [
+            l.frames_in,
+            l.frames_queued,
+            l.flushes,
+            l.bytes_out,
+            l.removed,
+        ]
+    }
+
+    /// `--trace-loop`: what one pass did, after it did it.
+    fn trace_done(&self, before: [u64; 5], spent_us: u64) {
+        let now = self.trace_marks();
+        let d: Vec<u64> = now.iter().zip(before).map(|(a, b)| a - b).collect();
+        log::info!(
+            target: "loopchat::loop",
+            "iteration {} done in {spent_us} us: {} frame(s) read, {} frame(s) queued, \
+             {} flush(es) wrote {} byte(s), {} slot(s) freed; {} deadline(s) pending",
+            self.counters.iterations,
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            d[4],
+            self.timers.len(),
+        );
     }
 
     fn trace(&self, events: &Events, timeout: Option<Duration>) {
@@ -850,7 +884,14 @@ impl Server {
                 end = Some(End::Overflow);
                 break;
             }
-            match conn::next_message(ws) {
+            let inbound = conn::next_message(ws);
+            if matches!(
+                inbound,
+                Inbound::Text(_) | Inbound::Binary(_) | Inbound::Control
+            ) {
+                counters.frames_in += 1;
+            }
+            match inbound {
                 Inbound::Text(text) => {
                     conn.last_seen_ms = clock.mono_ms;
                     conn.pinged = false;
@@ -1005,6 +1046,7 @@ impl Server {
             return self.shed_slow_consumer(to);
         }
         wire.outbox.push(frame);
+        self.counters.frames_queued += 1;
         self.mark_dirty(to);
     }
 
@@ -1034,6 +1076,7 @@ impl Server {
                 continue;
             };
             let result = wire.outbox.write_to(&mut wire.sock);
+            self.counters.flushes += 1;
             match result {
                 Ok((n, Flushed::All)) => {
                     self.counters.bytes_out += n as u64;
@@ -1216,6 +1259,7 @@ impl Server {
         for key in std::mem::take(&mut self.gone) {
             if self.conns.get(key).is_some_and(Conn::is_gone) {
                 self.conns.remove(key);
+                self.counters.removed += 1;
             }
         }
         // Descriptors were freed: if accepts were paused for lack of them,
@@ -1342,7 +1386,7 @@ impl Server {
         self.settle();
 
         log::info!(
-            "stopped after {} s: {} sessions, {} messages",
+            "stopped after {} s (sessions: {}, messages: {})",
             self.started.elapsed().as_secs(),
             self.counters.sessions_opened,
             self.dispatcher.counters.messages

@@ -83,6 +83,15 @@ pub struct LoopCounters {
     pub iterations: u64,
     pub slowest_iteration_us: u64,
     pub http_answers: u64,
+    /// WebSocket frames read (data and control).
+    pub frames_in: u64,
+    /// Frames queued in outboxes by `Server::deliver` (events of every
+    /// kind; what tungstenite writes itself is not counted).
+    pub frames_queued: u64,
+    /// Outbox flushes (each one or more `writev` calls on one socket).
+    pub flushes: u64,
+    /// Slab slots freed by `reap`.
+    pub removed: u64,
 }
 
 impl LoopCounters {
