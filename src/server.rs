@@ -1,24 +1,64 @@
 //! The loop: one `mio::Poll` that owns the listener and every connection.
 //!
-//! One iteration, start to finish (redis's `aeProcessEvents` is the model):
+//! # One pass of [`Server::run`], in order
 //!
-//! 1. `poll` sleeps until a socket is ready or the nearest timer is due.
-//! 2. Every event is handled: the listener accepts until `WouldBlock`; a
-//!    connection reads until `WouldBlock` and hands decoded commands to the
-//!    dispatcher, whose outbound frames are queued in the addressed
-//!    connections' outboxes ([`Server::apply`]).
-//! 3. Due timers fire (handshake deadlines, heartbeats, close deadlines).
-//! 4. The history commits (the group-commit point), then every connection
-//!    with output is flushed once ([`Server::flush_dirty`]): all frames
-//!    queued for it this iteration leave in one `writev`.
-//! 5. Connections marked for removal are reaped ([`Server::reap`]): the one
-//!    removal path, after the batch, so that no event of this batch can
-//!    reach a freed (and maybe reused) slab slot.
+//! redis's `aeProcessEvents` is the model. `docs/architecture.md` draws
+//! this as a picture.
 //!
-//! Failure tiers, each decided in one place: a bad command is the
-//! dispatcher's (an `error` event); a protocol or I/O failure closes that
-//! connection only ([`Server::close_with`], [`Server::abort`]); a failure of
-//! the poll itself ends [`Server::run`].
+//! 1. **Sleep.** `poll` waits for readiness or the poll timeout
+//!    (`Server::poll_timeout`): zero when `again` holds work, else the
+//!    nearest deadline (timers, a paused accept, the shutdown), else
+//!    forever: an idle server uses no CPU.
+//! 2. **Handle every event of the batch**, routed by token: the listener
+//!    accepts until `WouldBlock` (`accept_all`); the signal pipe and the
+//!    waker only set the stop flag; a connection token reads what its phase
+//!    reads (`read_head` → `route` → an HTTP answer or `upgrade`;
+//!    `read_frames` → the dispatcher; `drain_lingering`) and a WRITABLE
+//!    edge marks it dirty. What the dispatcher produces collects in `out`;
+//!    a huge burst delivers early (`relieve_outbound`) so `out` stays
+//!    bounded.
+//! 3. **`continue_reads`**: connections whose read budget ran out in the
+//!    previous pass are read again (their readiness edge will not come
+//!    back by itself).
+//! 4. **`fire_timers`**: due deadlines (handshake, heartbeat, close).
+//! 5. **`settle`**: the history commits (the group-commit point for
+//!    `--fsync always`: nothing of this pass is delivered before it), then
+//!    `apply` hands `out` to the addressed outboxes and carries out the
+//!    dispatcher's close requests, and `flush_dirty` writes every dirty
+//!    outbox until it is empty or the socket is full; that repeats while
+//!    flushing produced more work (a failed write ends a session, whose
+//!    `leave` notices must go out now). Last, `reap` frees the slots of
+//!    connections that went during the pass.
+//! 6. **Shutdown** starts here, between passes, when the stop flag is set,
+//!    so everything the pass produced (stored, with ids) is delivered
+//!    first; a paused accept is retried when due; the loop ends once
+//!    shutting down and no connection is left (or the grace is over).
+//!
+//! # The lists a pass keeps, and why none can point at a reused slot
+//!
+//! A slab key is reused as soon as its slot is freed, and slots are freed
+//! only by `reap`, at the end of `settle`. So a list that is emptied within
+//! the pass, before `reap`, can hold bare keys; a list that lives across
+//! passes, or a thing that can outlive its connection, carries the
+//! generation too and checks it.
+//!
+//! | list | holds | filled by | emptied by | why it is safe |
+//! |---|---|---|---|---|
+//! | `out.sends`, `out.closes` | key + frame / close request | the dispatcher | `apply`, this pass | the dispatcher addresses members only, and a connection stops being a member in its first `leave`, before it can be `Gone`; `deliver` also checks the phase |
+//! | `dirty` | key (`Conn::dirty` keeps it once) | `mark_dirty` | `flush_dirty`, this pass | emptied before `reap`; a `Gone` connection has no wire to flush |
+//! | `gone` | key | `leave` (→ `Gone`) | `reap`, this pass | its slots are the ones being freed |
+//! | uncommitted messages | sender key | the dispatcher | `Dispatcher::commit`, first step of `settle` | emptied before `reap` |
+//! | `again` | key + generation | `read_frames` (budget spent) | `continue_reads`, next pass | crosses a `reap`: the generation is checked |
+//! | timers | key + generation, one per key | every phase change | `pop_due`; `cancel` when `Gone` | cancelled at `Gone`; the generation is checked again when one fires |
+//! | room tables | key ↔ name, rooms | `Dispatcher::admit`/`open` | `Dispatcher::disconnect`, from `leave` | removed in the first `leave`, long before the slot is freed |
+//!
+//! # The way out
+//!
+//! Every connection leaves through `Server::leave`, with an `Exit`
+//! that names the phase it goes to (the diagram is in `conn.rs`). Failure
+//! tiers, each decided in one place: a bad command is the dispatcher's (an
+//! `error` event); a protocol or I/O failure ends that connection only
+//! (`leave`); a failure of the poll itself ends [`Server::run`].
 
 use std::io;
 use std::net::SocketAddr;
