@@ -2,17 +2,20 @@
 //! the last byte of its close.
 //!
 //! ```text
-//!            plain request, refusal                      flushed, write side shut, EOF
-//!   Head ─────────────────────────────────▶ Linger ──────────────────────────────┐
-//!     │                                       ▲                                  │
-//!     │ upgrade accepted (101 queued)         │ protocol error: close queued     │
-//!     ▼                                       │                                  ▼
-//!   Open ─────────────────────────────────────┘                                Gone ─▶ slot freed
-//!     │  │ we close (shutdown, slow consumer, flood)                             ▲     after the batch
-//!     │  └──────────────▶ Closing ── peer's close arrives ──▶ Flushing ──────────┤
-//!     └──────── peer closes first (our reply queued) ─────────▲      flushed     │
-//!                                                                               │
-//!   any phase ── socket dead, deadline passed ─────────────────────────────────┘
+//!            plain request or refusal: answer queued
+//!   Head ─────────────────────────────────────────────────▶ Linger
+//!    │                                                        │  ▲
+//!    │ upgrade accepted: 101 queued                           │  │ protocol error:
+//!    ▼                                                        │  │ close frame queued
+//!   Open ─────────────────────────────────────────────────────┼──┘
+//!    │ │                                                      │ flushed, write side
+//!    │ │ we close: close frame queued                         │ shut, EOF read
+//!    │ └──────────────────▶ Closing                           ▼
+//!    │                        │ the peer's close arrives     Gone ──▶ slot freed by
+//!    │ the peer closes first  ▼                               ▲       reap, after
+//!    └─────────────────────▶ Flushing ── flushed ─────────────┤       the batch
+//!                                                             │
+//!   any phase ── socket dead, deadline passed ────────────────┘
 //! ```
 //!
 //! Every arrow out of `Open` (and into `Gone`) is taken by one function,
