@@ -9,15 +9,18 @@
 //! # Reading order
 //!
 //! 1. [`server`]: the loop. Poll, accept, route events by token, deliver,
-//!    flush, reap, timers, shutdown. Start here.
-//! 2. [`conn`]: one socket's state machine (request head → tungstenite
-//!    handshake → open WebSocket → closing), and the `Wire` through which
-//!    tungstenite reads and writes.
-//! 3. [`dispatch`]: the single router from commands to events; no I/O.
+//!    flush, reap, timers, shutdown; one pass in order, and the lists a
+//!    pass keeps, head the file. Start here.
+//! 2. [`conn`]: one socket's state machine (request head → open WebSocket
+//!    → closing, flushing or lingering → gone), and the `Wire` through
+//!    which tungstenite reads and writes.
+//! 3. [`dispatch`]: the single router from commands to events; no socket
+//!    I/O (the history behind it may touch the disk).
 //! 4. [`rooms`]: the room tables, indexed both ways; no I/O.
 //! 5. [`outbox`]: the bounded per-connection queue and the slow-consumer
 //!    policy.
-//! 6. [`timers`]: deadlines keyed by slab key and generation.
+//! 6. [`timers`]: one cancelable deadline per connection, keyed by slab
+//!    key and generation.
 //! 7. [`protocol`], [`http`]: the wire formats.
 //! 8. [`store`]: where message ids and history come from.
 //!
