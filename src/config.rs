@@ -47,6 +47,9 @@ pub struct Config {
     pub retain_messages: u64,
     pub log_level: log::LevelFilter,
     pub trace_loop: bool,
+    /// `--memory-limit`: the most heap the server may hold (see
+    /// `memory.rs`); `None`: no limit.
+    pub memory_limit: Option<u64>,
     /// Install SIGINT/SIGTERM handlers (the binary does; in-process tests
     /// stop the server through its handle instead).
     pub signals: bool,
@@ -97,6 +100,7 @@ impl Default for Config {
             retain_messages: 100_000,
             log_level: log::LevelFilter::Info,
             trace_loop: false,
+            memory_limit: None,
             signals: true,
         }
     }
@@ -158,6 +162,8 @@ Limits
   --read-buffer-bytes N      per-connection read buffer [{readbuf}]
   --rate-per-s N             commands per second per connection [{rate}]
   --rate-burst N             burst of commands allowed at once [{burst}]
+  --memory-limit BYTES       most memory the server holds (K, M, G suffixes): near it
+                             upgrades get 503, over it the largest outboxes close 1013 [none]
 
 History
   --history-limit N          messages sent on join and per history page [{hlimit}]
@@ -252,7 +258,7 @@ impl Config {
                     c.max_message_bytes = at_least(&mut p, "max-message-bytes", 128)?
                 }
                 Long("max-content-bytes") => {
-                    c.max_content_bytes = positive(&mut p, "max-content-bytes")?
+                    c.max_content_bytes = at_least(&mut p, "max-content-bytes", 1)?
                 }
                 Long("max-rooms-per-user") => {
                     c.max_rooms_per_user = positive(&mut p, "max-rooms-per-user")?
@@ -297,6 +303,15 @@ impl Config {
                     })?;
                 }
                 Long("trace-loop") => c.trace_loop = true,
+                Long("memory-limit") => {
+                    let text: String = value(&mut p, "memory-limit")?;
+                    c.memory_limit = Some(crate::memory::parse_bytes(&text).ok_or_else(|| {
+                        ConfigError::BadValue {
+                            flag: "memory-limit",
+                            why: format!("{text:?} is not a byte count like 64M, 512K or 1G"),
+                        }
+                    })?);
+                }
                 other => return Err(ConfigError::UnknownFlag(other.unexpected().to_string())),
             }
         }
@@ -356,8 +371,16 @@ where
     Ok(v)
 }
 
+/// A byte count of at least `min`, with an optional `K`, `M` or `G` suffix
+/// (`--max-outbox-bytes 96M`).
 fn at_least(p: &mut lexopt::Parser, flag: &'static str, min: usize) -> Result<usize, ConfigError> {
-    let v: usize = value(p, flag)?;
+    let text: String = value(p, flag)?;
+    let v = crate::memory::parse_bytes(&text)
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| ConfigError::BadValue {
+            flag,
+            why: format!("{text:?} is not a byte count like 65536, 64K or 16M"),
+        })?;
     if v < min {
         return Err(ConfigError::BadValue {
             flag,

@@ -35,6 +35,7 @@ pub mod conn;
 pub mod dispatch;
 pub mod http;
 pub mod logger;
+pub mod memory;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;

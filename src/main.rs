@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use loopchat::config::{self, Parsed};
 use loopchat::{Config, Server};
 
+/// The heap, counted: what `--memory-limit` and `/stats`'
+/// `memory_used_bytes` measure (see `src/memory.rs`).
+#[global_allocator]
+static HEAP: loopchat::memory::Counting = loopchat::memory::Counting;
+
 fn main() -> ExitCode {
     let config = match Config::from_args(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(config)) => *config,

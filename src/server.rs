@@ -75,6 +75,7 @@ use crate::config::Config;
 use crate::conn::{self, Conn, Endpoint, HandshakeFailed, Inbound, Phase};
 use crate::dispatch::{Clock, Dispatcher, Outbound, Refusal, SessionRequest, Settings};
 use crate::http::{self, Head, HeadError};
+use crate::memory::{self, Account, Heaviest};
 use crate::outbox::Flushed;
 use crate::protocol::{self, Frame, Limits};
 use crate::stats::{LoopCounters, Reject, Snapshot};
@@ -108,23 +109,39 @@ const CLOSE_GRACE_MS: u64 = 2_000;
 const REJECT_SLOTS: usize = 64;
 
 /// The kernel send buffer asked for on every accepted socket (`SO_SNDBUF`;
-/// Linux doubles it for its own bookkeeping, so about this much payload).
+/// Linux doubles the number for its own bookkeeping and keeps about this
+/// much payload).
 ///
 /// Why cap it: the slow-consumer rule counts only the outbox, and Linux
 /// autotunes a socket's send buffer up to `net.ipv4.tcp_wmem`'s maximum
-/// (4 MiB by default). A reader that stops reading would first fill that
-/// unseen, so it held about 1.4 MB before its outbox even started to grow
-/// and met the bound; with the cap, what one stalled reader can hold in
-/// total is `--max-outbox-bytes` plus about twice this. 64 KiB is still far
-/// more than a chat connection has in flight: a fast reader drains it
-/// between two iterations, and anything beyond waits in the outbox, where
-/// it is counted.
-pub const KERNEL_SEND_BUFFER: usize = 64 * 1024;
+/// (4 MiB by default), so a reader that stopped reading held megabytes
+/// unseen before its outbox even started to grow (1.4 MB, and up to 3.9 MB
+/// in `a_stalled_reader_holds_little_beyond_its_outbox` without the cap).
+/// With the cap, what one stalled reader can hold in total is
+/// `--max-outbox-bytes` plus at most twice this.
+///
+/// Why not smaller: a client that is busy sending and reads its own echoes
+/// late (a load tool, a bot posting a burst) must not be mistaken for a
+/// stalled one; the kernel's share is the slack that absorbs such a burst
+/// without queueing in user space. 256 KiB, as much again as the default
+/// outbox bound, keeps the throughput of a local or LAN peer and is a
+/// sixteenth of the kernel's default maximum.
+pub const KERNEL_SEND_BUFFER: usize = 256 * 1024;
 
 /// After `accept` fails for lack of descriptors, wait this long before
 /// trying again. Retrying at once would spin: the pending connection stays
 /// in the backlog and the listener stays ready.
 const ACCEPT_RETRY_MS: u64 = 100;
+
+/// Near `--memory-limit`: above this share of it (in tenths), upgrades get
+/// 503, so that the sessions already open keep the room they have.
+const MEMORY_REFUSE_TENTHS: usize = 9;
+
+/// A shedding episode ends (logged once, freed memory handed back to the
+/// kernel) when the account is back under this share of the limit; the
+/// gap to the refusal threshold keeps one burst from starting many
+/// episodes.
+const MEMORY_CALM_TENTHS: usize = 8;
 
 /// The page served at `/`.
 const PAGE: &str = include_str!("page.html");
@@ -136,6 +153,8 @@ pub enum ServerError {
     Poll(io::Error),
     Signals(io::Error),
     Store(String),
+    /// `--memory-limit` without the counting allocator installed.
+    Memory,
 }
 
 impl std::fmt::Display for ServerError {
@@ -145,6 +164,10 @@ impl std::fmt::Display for ServerError {
             ServerError::Poll(e) => write!(f, "poll failed: {e}"),
             ServerError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             ServerError::Store(e) => write!(f, "{e}"),
+            ServerError::Memory => write!(
+                f,
+                "--memory-limit needs loopchat::memory::Counting as the global allocator"
+            ),
         }
     }
 }
@@ -222,6 +245,13 @@ pub struct Server {
     again: Vec<(usize, u64)>,
     accept_retry_at: Option<u64>,
     shutdown_deadline: Option<u64>,
+    /// `--memory-limit` and what counts against it.
+    memory: Option<Account>,
+    /// Open connections by queued output, kept only with a memory limit.
+    heaviest: Heaviest,
+    /// Over the memory limit since the last calm moment: how many
+    /// connections this episode has shed.
+    shedding: Option<u64>,
     started: Instant,
     pub counters: LoopCounters,
 }
@@ -240,6 +270,12 @@ impl Server {
 
     /// Like [`Server::bind`], with a history of the caller's choosing.
     pub fn with_history(config: Config, history: Box<dyn History>) -> Result<Server, ServerError> {
+        if config.memory_limit.is_some() {
+            if !memory::counting() {
+                return Err(ServerError::Memory);
+            }
+            memory::tune_for_limit();
+        }
         let fd_limit = raise_fd_limit();
         let max_connections = config.connection_limit(fd_limit);
         let poll = Poll::new().map_err(ServerError::Poll)?;
@@ -298,6 +334,9 @@ impl Server {
             again: Vec::new(),
             accept_retry_at: None,
             shutdown_deadline: None,
+            memory: config.memory_limit.map(|b| Account::new(b as usize)),
+            heaviest: Heaviest::new(),
+            shedding: None,
             started: Instant::now(),
             counters: LoopCounters::default(),
             config,
@@ -483,6 +522,9 @@ impl Server {
         self.dispatcher.commit(&mut self.out);
         loop {
             self.apply();
+            // Before the flush: a connection shed here has its goodbye
+            // queued, and it must go out in this pass like any output.
+            self.check_memory();
             if self.dirty.is_empty() {
                 break;
             }
@@ -845,6 +887,18 @@ impl Server {
     /// Hand the head to tungstenite and open the session: the 101 is queued
     /// and the dispatcher greets the member.
     fn upgrade(&mut self, key: usize, head: Head, endpoint: Endpoint) {
+        if self.memory_tight() {
+            // As cheap as the 503 for --max-connections: nothing of the
+            // session is built. `leave` releases the name `admit` claimed.
+            self.counters.reject(Reject::Memory);
+            let body = http::answer(
+                503,
+                "text/plain; charset=utf-8",
+                b"server near its memory limit, retry later\n",
+                &[("Retry-After", "5")],
+            );
+            return self.answer(key, body);
+        }
         let now = self.now_ms();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -981,9 +1035,12 @@ impl Server {
         // are in the outbox already; make sure they go out this iteration.
         let wire = ws.get_mut();
         counters.bytes_in += std::mem::take(&mut wire.read_bytes);
-        let has_output = !wire.outbox.is_empty();
+        let (has_output, queued) = (!wire.outbox.is_empty(), wire.outbox.queued());
         if has_output {
             self.mark_dirty(key);
+        }
+        if self.memory.is_some() && !closing {
+            self.heaviest.update(key, queued);
         }
         match end {
             None => {}
@@ -1086,8 +1143,18 @@ impl Server {
             return self.shed_slow_consumer(to);
         }
         wire.outbox.push(frame);
+        let queued = wire.outbox.queued();
         self.counters.frames_queued += 1;
         self.mark_dirty(to);
+        if let Some(m) = &self.memory {
+            // One load and compare per delivery; the shedding itself runs
+            // only when the account is over.
+            let over = m.over();
+            self.heaviest.update(to, queued);
+            if over {
+                self.shed_for_memory();
+            }
+        }
     }
 
     /// The slow-consumer policy (see `outbox.rs`): free the unsent
@@ -1116,6 +1183,14 @@ impl Server {
                 continue;
             };
             let result = wire.outbox.write_to(&mut wire.sock);
+            if self.memory.is_some() {
+                let queued = wire.outbox.queued();
+                // Only sessions are shed; one saying goodbye holds little.
+                match conn.is_open() {
+                    true => self.heaviest.update(key, queued),
+                    false => self.heaviest.remove(key),
+                }
+            }
             self.counters.flushes += 1;
             match result {
                 Ok((n, Flushed::All)) => {
@@ -1160,6 +1235,101 @@ impl Server {
                     self.leave(key, Exit::Drop);
                 }
             }
+        }
+    }
+
+    // ---- the memory limit -----------------------------------------------
+
+    /// Near the memory limit: new sessions are refused.
+    fn memory_tight(&self) -> bool {
+        self.memory
+            .as_ref()
+            .is_some_and(|m| m.above(MEMORY_REFUSE_TENTHS))
+    }
+
+    /// Once per pass: sample the resident size (at most every
+    /// `memory::SAMPLE_MS`), shed if over the limit (memory can grow
+    /// without a delivery: half-received messages, joins), and end an
+    /// episode once the account is calm again.
+    fn check_memory(&mut self) {
+        let now = self.now_ms();
+        let Some(m) = &mut self.memory else {
+            return;
+        };
+        m.sample(now);
+        if m.over() {
+            return self.shed_for_memory();
+        }
+        if let Some(shed) = self.shedding {
+            if m.settled() && !m.above(MEMORY_CALM_TENTHS) {
+                self.shedding = None;
+                log::warn!(
+                    "memory: back to {} bytes (limit {}) after closing {shed} connection(s)",
+                    m.used(),
+                    m.limit
+                );
+            }
+        }
+    }
+
+    /// Over `--memory-limit`: close the connections holding the most queued
+    /// output with 1013 until the account is under the limit again (or
+    /// nobody holds any). Their unsent frames are freed at once; a frame
+    /// also queued for others is freed when its last holder lets go.
+    fn shed_for_memory(&mut self) {
+        let now = self.now_ms();
+        let Some(m) = &mut self.memory else {
+            return;
+        };
+        if !m.heap_over() {
+            // Over only by what malloc keeps resident beside the heap,
+            // as of the last sample: look again first (which hands back
+            // what shedding freed), and at most every SAMPLE_MS, so that
+            // nobody is shed for memory that is already free.
+            if !m.sample(now) || !m.over() {
+                return;
+            }
+        }
+        if self.shedding.is_none() {
+            self.shedding = Some(0);
+            self.counters.memory_episodes += 1;
+            log::warn!(
+                "memory: {} bytes held, over the limit of {}: closing the connections \
+                 with the most queued output (1013) until under, refusing upgrades (503)",
+                m.used(),
+                m.limit
+            );
+        }
+        while self.memory.as_ref().is_some_and(Account::over) {
+            let Some(key) = self.heaviest.heaviest() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(key) else {
+                self.heaviest.remove(key);
+                continue;
+            };
+            if !conn.is_open() {
+                // Already saying goodbye: what it still holds is at most a
+                // frame in flight and its close frame, which it must be
+                // given the chance to read.
+                self.heaviest.remove(key);
+                continue;
+            }
+            let Some(wire) = conn.wire() else {
+                self.heaviest.remove(key);
+                continue;
+            };
+            let freed = wire.outbox.discard_unstarted();
+            log::debug!("conn #{key}: shed for memory ({freed} bytes unsent), closing with 1013");
+            if let Some(m) = &mut self.memory {
+                m.freed();
+            }
+            self.counters.memory_sheds += 1;
+            if let Some(shed) = &mut self.shedding {
+                *shed += 1;
+            }
+            self.leave(key, Exit::Goodbye(1013, "memory limit, try again later"));
+            self.heaviest.remove(key);
         }
     }
 
@@ -1249,6 +1419,7 @@ impl Server {
             // Dropping the old phase closed the socket (if the goodbye
             // above could not even be queued, it is dropped here).
             self.timers.cancel(key);
+            self.heaviest.remove(key);
             self.gone.push(key);
             log::debug!("conn #{key} removed ({was})");
         } else {
@@ -1438,6 +1609,12 @@ impl Server {
 
     /// Gather `/stats`.
     pub fn snapshot(&mut self) -> Snapshot {
+        let now = self.now_ms();
+        if let Some(m) = &mut self.memory {
+            // The figure /stats shows is the one the checks use, as fresh
+            // as the sampling allows.
+            m.sample(now);
+        }
         // "handshake" is always 0 (the handshake completes in the call that
         // starts it, see conn.rs) and stays for dashboards that chart it.
         let mut by_state: Vec<(&'static str, u64)> = std::iter::once("handshake")
@@ -1478,6 +1655,8 @@ impl Server {
             max_connections: self.max_connections as u64,
             rss_bytes,
             cpu_ms,
+            memory_limit_bytes: self.memory.as_ref().map_or(0, |m| m.limit) as u64,
+            memory_used_bytes: self.memory.as_ref().map_or(memory::held(), Account::used) as u64,
         }
     }
 }

@@ -22,10 +22,12 @@ pub enum Reject {
     Taken,
     HandshakeFailed,
     HandshakeTimeout,
+    /// An upgrade near `--memory-limit`.
+    Memory,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::OverLimit,
         Reject::BadRequest,
         Reject::HeadTooLarge,
@@ -37,6 +39,7 @@ impl Reject {
         Reject::Taken,
         Reject::HandshakeFailed,
         Reject::HandshakeTimeout,
+        Reject::Memory,
     ];
 
     pub fn label(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Reject {
             Reject::Taken => "taken",
             Reject::HandshakeFailed => "handshake_failed",
             Reject::HandshakeTimeout => "handshake_timeout",
+            Reject::Memory => "memory",
         }
     }
 }
@@ -92,6 +96,10 @@ pub struct LoopCounters {
     pub flushes: u64,
     /// Slab slots freed by `reap`.
     pub removed: u64,
+    /// Connections closed with 1013 to stay under `--memory-limit`.
+    pub memory_sheds: u64,
+    /// Times the server went over `--memory-limit` (shedding episodes).
+    pub memory_episodes: u64,
 }
 
 impl LoopCounters {
@@ -126,6 +134,10 @@ pub struct Snapshot {
     pub rss_bytes: u64,
     /// CPU time of the process, user + system, milliseconds.
     pub cpu_ms: u64,
+    /// `--memory-limit` (0: none).
+    pub memory_limit_bytes: u64,
+    /// What the memory account holds (the heap, see `memory.rs`).
+    pub memory_used_bytes: u64,
 }
 
 /// This process's resident memory (bytes) and CPU time (ms), from
@@ -212,6 +224,10 @@ impl Snapshot {
             "store": store,
             "rss_bytes": self.rss_bytes,
             "cpu_seconds": self.cpu_ms as f64 / 1000.0,
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "memory_used_bytes": self.memory_used_bytes,
+            "memory_sheds": l.memory_sheds,
+            "memory_episodes": l.memory_episodes,
         })
         .to_string()
     }
@@ -252,6 +268,30 @@ impl Snapshot {
             &[("", self.max_connections)],
         );
         metric("rooms", "gauge", "Live rooms.", &[("", self.rooms)]);
+        metric(
+            "memory_limit_bytes",
+            "gauge",
+            "The --memory-limit (0: none).",
+            &[("", self.memory_limit_bytes)],
+        );
+        metric(
+            "memory_used_bytes",
+            "gauge",
+            "Heap the server holds (what the memory limit counts).",
+            &[("", self.memory_used_bytes)],
+        );
+        metric(
+            "memory_sheds_total",
+            "counter",
+            "Connections closed with 1013 to stay under the memory limit.",
+            &[("", l.memory_sheds)],
+        );
+        metric(
+            "memory_episodes_total",
+            "counter",
+            "Times the server went over the memory limit.",
+            &[("", l.memory_episodes)],
+        );
         metric(
             "timers",
             "gauge",
