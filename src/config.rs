@@ -200,6 +200,7 @@ Limits
 History
   --history-limit N          messages sent on join and per history page [{hlimit}]
   --history-keep N           messages kept in memory per room [{hkeep}]
+                             (at least --history-limit; raised to it unless given)
   --data-dir DIR             where room logs are kept [{dir}]
   --no-persist               keep history in memory only
   --fsync MODE               always | everysec | never [{fsync}]
@@ -314,7 +315,10 @@ impl Config {
                     given.burst = true;
                 }
                 Long("history-limit") => c.history_limit = value(&mut p, "history-limit")?,
-                Long("history-keep") => c.history_keep = value(&mut p, "history-keep")?,
+                Long("history-keep") => {
+                    c.history_keep = value(&mut p, "history-keep")?;
+                    given.keep = true;
+                }
                 Long("handshake-timeout-ms") => {
                     c.handshake_timeout_ms = positive(&mut p, "handshake-timeout-ms")?
                 }
@@ -392,6 +396,21 @@ impl Config {
                 ),
             });
         }
+        // `joined` promises the last `history_limit` messages; without the
+        // disk store only the `history_keep` kept in memory exist.
+        if !given.keep {
+            self.history_keep = self.history_keep.max(self.history_limit);
+        } else if self.history_keep < self.history_limit {
+            return Err(ConfigError::Conflict {
+                flag: "history-keep",
+                other: "history-limit",
+                why: format!(
+                    "keeping {} messages per room in memory cannot fill a join's backlog of {}; \
+                     raise --history-keep or lower --history-limit",
+                    self.history_keep, self.history_limit
+                ),
+            });
+        }
         if !given.outbox {
             self.max_outbox_bytes = self
                 .max_outbox_bytes
@@ -441,6 +460,7 @@ struct Given {
     content: bool,
     outbox: bool,
     burst: bool,
+    keep: bool,
 }
 
 fn value<T>(p: &mut lexopt::Parser, flag: &'static str) -> Result<T, ConfigError>
@@ -611,6 +631,15 @@ mod tests {
         );
         let small = run(&["--max-message-bytes", "4096"]);
         assert_eq!(small.max_content_bytes, (4096 - COMMAND_ENVELOPE_BYTES) / 6);
+        assert_eq!(run(&["--history-limit", "5000"]).history_keep, 5000);
+        assert_eq!(run(&["--history-limit", "10"]).history_keep, 1000);
+        let err = parse(&["--history-keep", "10", "--history-limit", "20"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--history-keep conflicts with --history-limit"),
+            "{err}"
+        );
         let big = run(&["--max-message-bytes", "16777216"]);
         assert_eq!(big.max_outbox_bytes, 2 * 16_777_216);
         assert_eq!(big.max_content_bytes, 4096);

@@ -99,6 +99,11 @@ fn conflicting_limits_exit_2_naming_both_flags() {
             "--max-outbox-bytes",
             "--max-message-bytes",
         ),
+        (
+            &["--history-keep", "10", "--history-limit", "50"],
+            "--history-keep",
+            "--history-limit",
+        ),
     ] {
         let out = Command::new(BIN).args(args).output().expect("run");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
