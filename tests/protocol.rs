@@ -1,6 +1,6 @@
 //! The whole wire protocol over real sockets: every command of
-//! `../shared/PROTOCOL.md` §3, every event of §4, every error code and close
-//! code of §5, the `since` resume of §2, and what `docs/protocol.md` promises
+//! `docs/protocol.md` §3, every event of §4, every error code of §5 and
+//! close code of §6, the `since` resume of §2 and §8, and what it promises
 //! about empty rooms and ids.
 //!
 //! Each test's doc says what it demonstrates. Every wait has a deadline (the
