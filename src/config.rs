@@ -77,13 +77,15 @@ impl Default for Config {
             max_rooms_per_user: 32,
             // 256 KiB of unsent output per connection: over a thousand
             // typical messages of slack before a reader counts as stuck.
-            max_outbox_bytes: 256 * 1024,
+            max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
             // tungstenite allocates and zero-fills this per connection;
             // its 128 KiB default would dominate idle memory. Chat frames
             // are small; a larger message just takes several reads.
             read_buffer_bytes: 1024,
             rate_per_s: 20,
-            rate_burst: 40,
+            // Two seconds' worth: a client that was briefly stalled (a
+            // phone waking up) may send what it queued without refusals.
+            rate_burst: 20 * BURST_SECONDS,
             history_limit: 50,
             history_keep: 1000,
             handshake_timeout_ms: 10_000,
@@ -106,21 +108,54 @@ impl Default for Config {
     }
 }
 
+/// The JSON around a command's `content` (type, room, `to`, a `ref` of
+/// 64 characters even if every one is escaped) stays under this many bytes.
+pub const COMMAND_ENVELOPE_BYTES: usize = 1024;
+
+/// A byte of content takes at most this many bytes in a JSON string (a
+/// control character escaped as `\u0001`).
+pub const JSON_ESCAPE_FACTOR: usize = 6;
+
+/// The default `--max-outbox-bytes`, unless `--max-message-bytes` needs more.
+pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 256 * 1024;
+
+/// The default `--rate-burst` is this many seconds of `--rate-per-s`.
+pub const BURST_SECONDS: u32 = 2;
+
 /// A command line that cannot be used.
 #[derive(Debug)]
 pub enum ConfigError {
+    /// A flag loopchat does not have (`--bogus`, `-x`).
     UnknownFlag(String),
-    BadValue { flag: &'static str, why: String },
+    /// A word that is not a flag, or a value given to a flag that takes none.
+    Unexpected(String),
+    BadValue {
+        flag: &'static str,
+        why: String,
+    },
     MissingValue(&'static str),
-    AuthFile { path: PathBuf, why: String },
+    /// Two limits that cannot both hold: `flag`'s value breaks `other`'s.
+    Conflict {
+        flag: &'static str,
+        other: &'static str,
+        why: String,
+    },
+    AuthFile {
+        path: PathBuf,
+        why: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::UnknownFlag(flag) => write!(f, "unknown argument {flag} (see --help)"),
+            ConfigError::UnknownFlag(flag) => write!(f, "unknown flag {flag} (see --help)"),
+            ConfigError::Unexpected(why) => write!(f, "{why} (see --help)"),
             ConfigError::BadValue { flag, why } => write!(f, "bad value for --{flag}: {why}"),
             ConfigError::MissingValue(flag) => write!(f, "--{flag} needs a value"),
+            ConfigError::Conflict { flag, other, why } => {
+                write!(f, "--{flag} conflicts with --{other}: {why}")
+            }
             ConfigError::AuthFile { path, why } => {
                 write!(f, "auth file {}: {why}", path.display())
             }
@@ -157,17 +192,21 @@ Limits
   --max-head-bytes N         request head size before 431 [{head}]
   --max-message-bytes N      frame or message size before close 1009 [{msg}]
   --max-content-bytes N      message content size before error too_long [{content}]
+                             (at most (--max-message-bytes - {envelope}) / {escape}, so an
+                             escaped content always fits; lowered to that unless given)
   --max-rooms-per-user N     rooms one user may be in [{rooms}]
   --max-outbox-bytes N       unsent output before close 1008 (slow consumer) [{outbox}]
+                             (at least --max-message-bytes; twice it unless given)
   --read-buffer-bytes N      per-connection read buffer [{readbuf}]
   --rate-per-s N             commands per second per connection [{rate}]
-  --rate-burst N             burst of commands allowed at once [{burst}]
+  --rate-burst N             burst of commands allowed at once [twice --rate-per-s: {burst}]
   --memory-limit BYTES       most memory the server holds (K, M, G suffixes): near it
                              upgrades get 503, over it the largest outboxes close 1013 [none]
 
 History
   --history-limit N          messages sent on join and per history page [{hlimit}]
   --history-keep N           messages kept in memory per room [{hkeep}]
+                             (at least --history-limit; raised to it unless given)
   --data-dir DIR             where room logs are kept [{dir}]
   --no-persist               keep history in memory only
   --fsync MODE               always | everysec | never [{fsync}]
@@ -193,6 +232,8 @@ Logging
         content = d.max_content_bytes,
         rooms = d.max_rooms_per_user,
         outbox = d.max_outbox_bytes,
+        envelope = COMMAND_ENVELOPE_BYTES,
+        escape = JSON_ESCAPE_FACTOR,
         readbuf = d.read_buffer_bytes,
         rate = d.rate_per_s,
         burst = d.rate_burst,
@@ -237,12 +278,15 @@ impl Config {
             })?;
         }
         let mut auth_file = None;
+        let mut given = Given::default();
         let mut p = lexopt::Parser::from_args(args);
         loop {
             let arg = match p.next() {
                 Ok(Some(arg)) => arg,
                 Ok(None) => break,
-                Err(e) => return Err(ConfigError::UnknownFlag(e.to_string())),
+                // lexopt's own wording ("unexpected argument for option
+                // '--echo': ...") is already one clean sentence.
+                Err(e) => return Err(ConfigError::Unexpected(e.to_string())),
             };
             match arg {
                 Short('h') | Long("help") => return Ok(Parsed::Help),
@@ -255,24 +299,32 @@ impl Config {
                     c.max_head_bytes = at_least(&mut p, "max-head-bytes", 256)?
                 }
                 Long("max-message-bytes") => {
-                    c.max_message_bytes = at_least(&mut p, "max-message-bytes", 128)?
+                    c.max_message_bytes = at_least(&mut p, "max-message-bytes", MIN_MESSAGE_BYTES)?
                 }
                 Long("max-content-bytes") => {
-                    c.max_content_bytes = at_least(&mut p, "max-content-bytes", 1)?
+                    c.max_content_bytes = at_least(&mut p, "max-content-bytes", 1)?;
+                    given.content = true;
                 }
                 Long("max-rooms-per-user") => {
                     c.max_rooms_per_user = positive(&mut p, "max-rooms-per-user")?
                 }
                 Long("max-outbox-bytes") => {
-                    c.max_outbox_bytes = at_least(&mut p, "max-outbox-bytes", 1024)?
+                    c.max_outbox_bytes = at_least(&mut p, "max-outbox-bytes", 1024)?;
+                    given.outbox = true;
                 }
                 Long("read-buffer-bytes") => {
                     c.read_buffer_bytes = at_least(&mut p, "read-buffer-bytes", 64)?
                 }
                 Long("rate-per-s") => c.rate_per_s = positive(&mut p, "rate-per-s")?,
-                Long("rate-burst") => c.rate_burst = positive(&mut p, "rate-burst")?,
+                Long("rate-burst") => {
+                    c.rate_burst = positive(&mut p, "rate-burst")?;
+                    given.burst = true;
+                }
                 Long("history-limit") => c.history_limit = value(&mut p, "history-limit")?,
-                Long("history-keep") => c.history_keep = value(&mut p, "history-keep")?,
+                Long("history-keep") => {
+                    c.history_keep = value(&mut p, "history-keep")?;
+                    given.keep = true;
+                }
                 Long("handshake-timeout-ms") => {
                     c.handshake_timeout_ms = positive(&mut p, "handshake-timeout-ms")?
                 }
@@ -312,13 +364,85 @@ impl Config {
                         }
                     })?);
                 }
-                other => return Err(ConfigError::UnknownFlag(other.unexpected().to_string())),
+                Short(flag) => return Err(ConfigError::UnknownFlag(format!("-{flag}"))),
+                Long(flag) => return Err(ConfigError::UnknownFlag(format!("--{flag}"))),
+                Value(word) => {
+                    return Err(ConfigError::Unexpected(format!(
+                        "unexpected argument {:?}: loopchat takes only flags",
+                        word.to_string_lossy()
+                    )))
+                }
             }
         }
+        c.settle(given)?;
         if let Some(path) = auth_file {
             c.auth = Some(load_auth(&path)?);
         }
         Ok(Parsed::Run(Box::new(c)))
+    }
+
+    /// Derive the limits that depend on others and were not given, then
+    /// refuse pairs that cannot both hold, so that what `welcome`
+    /// advertises is what the server enforces: a content of
+    /// `max_content_bytes` (even escaped) fits in one message, and one
+    /// message of `max_message_bytes` fits in an outbox.
+    fn settle(&mut self, given: Given) -> Result<(), ConfigError> {
+        if !given.burst {
+            self.rate_burst = self.rate_per_s.saturating_mul(BURST_SECONDS);
+        }
+        let content_room = self
+            .max_message_bytes
+            .saturating_sub(COMMAND_ENVELOPE_BYTES)
+            / JSON_ESCAPE_FACTOR;
+        if !given.content {
+            self.max_content_bytes = self.max_content_bytes.min(content_room);
+        } else if self.max_content_bytes > content_room {
+            return Err(ConfigError::Conflict {
+                flag: "max-content-bytes",
+                other: "max-message-bytes",
+                why: format!(
+                    "a content of {} bytes may not fit in a message of {} bytes \
+                     (content may be at most (message - {COMMAND_ENVELOPE_BYTES}) / \
+                     {JSON_ESCAPE_FACTOR} = {content_room}); raise --max-message-bytes \
+                     to at least {} or lower --max-content-bytes",
+                    self.max_content_bytes,
+                    self.max_message_bytes,
+                    self.max_content_bytes * JSON_ESCAPE_FACTOR + COMMAND_ENVELOPE_BYTES,
+                ),
+            });
+        }
+        // `joined` promises the last `history_limit` messages; without the
+        // disk store only the `history_keep` kept in memory exist.
+        if !given.keep {
+            self.history_keep = self.history_keep.max(self.history_limit);
+        } else if self.history_keep < self.history_limit {
+            return Err(ConfigError::Conflict {
+                flag: "history-keep",
+                other: "history-limit",
+                why: format!(
+                    "keeping {} messages per room in memory cannot fill a join's backlog of {}; \
+                     raise --history-keep or lower --history-limit",
+                    self.history_keep, self.history_limit
+                ),
+            });
+        }
+        if !given.outbox {
+            self.max_outbox_bytes = self
+                .max_outbox_bytes
+                .max(self.max_message_bytes.saturating_mul(2));
+        } else if self.max_outbox_bytes < self.max_message_bytes {
+            return Err(ConfigError::Conflict {
+                flag: "max-outbox-bytes",
+                other: "max-message-bytes",
+                why: format!(
+                    "an outbox of {} bytes cannot hold one message of {} bytes, so every \
+                     reader of a large message would be closed as a slow consumer; \
+                     raise --max-outbox-bytes or lower --max-message-bytes",
+                    self.max_outbox_bytes, self.max_message_bytes
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// tungstenite's settings, derived from ours.
@@ -338,6 +462,20 @@ impl Config {
         self.max_connections
             .unwrap_or_else(|| (fd_limit as usize).saturating_sub(FD_RESERVE).max(16))
     }
+}
+
+/// Smallest `--max-message-bytes`: room for the command envelope and a
+/// content of a few hundred bytes.
+pub const MIN_MESSAGE_BYTES: usize = 2048;
+
+/// Which dependent limits the command line set itself (the others are
+/// derived in [`Config::settle`]).
+#[derive(Default)]
+struct Given {
+    content: bool,
+    outbox: bool,
+    burst: bool,
+    keep: bool,
 }
 
 fn value<T>(p: &mut lexopt::Parser, flag: &'static str) -> Result<T, ConfigError>
@@ -485,6 +623,98 @@ mod tests {
             Err(ConfigError::MissingValue(_))
         ));
         assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
+    }
+
+    fn run(args: &[&str]) -> Config {
+        match parse(args) {
+            Ok(Parsed::Run(c)) => *c,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn burst_follows_the_rate_unless_given() {
+        assert_eq!(run(&[]).rate_burst, 40);
+        assert_eq!(run(&["--rate-per-s", "100000"]).rate_burst, 200_000);
+        let c = run(&["--rate-per-s", "100000", "--rate-burst", "7"]);
+        assert_eq!((c.rate_per_s, c.rate_burst), (100_000, 7));
+        // Order does not matter.
+        assert_eq!(
+            run(&["--rate-burst", "7", "--rate-per-s", "9"]).rate_burst,
+            7
+        );
+    }
+
+    #[test]
+    fn dependent_limits_are_derived_unless_given() {
+        let d = run(&[]);
+        assert_eq!(
+            (d.max_content_bytes, d.max_outbox_bytes),
+            (4096, 256 * 1024)
+        );
+        let small = run(&["--max-message-bytes", "4096"]);
+        assert_eq!(small.max_content_bytes, (4096 - COMMAND_ENVELOPE_BYTES) / 6);
+        assert_eq!(run(&["--history-limit", "5000"]).history_keep, 5000);
+        assert_eq!(run(&["--history-limit", "10"]).history_keep, 1000);
+        let err = parse(&["--history-keep", "10", "--history-limit", "20"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--history-keep conflicts with --history-limit"),
+            "{err}"
+        );
+        let big = run(&["--max-message-bytes", "16777216"]);
+        assert_eq!(big.max_outbox_bytes, 2 * 16_777_216);
+        assert_eq!(big.max_content_bytes, 4096);
+    }
+
+    #[test]
+    fn conflicting_limits_name_both_flags() {
+        for (args, flag) in [
+            (&["--max-content-bytes", "20000"][..], "--max-content-bytes"),
+            (
+                &["--max-message-bytes", "4096", "--max-content-bytes", "4096"],
+                "--max-content-bytes",
+            ),
+            (&["--max-outbox-bytes", "4096"], "--max-outbox-bytes"),
+            (
+                &[
+                    "--max-message-bytes",
+                    "1000000",
+                    "--max-outbox-bytes",
+                    "999999",
+                ],
+                "--max-outbox-bytes",
+            ),
+        ] {
+            let err = match parse(args) {
+                Err(e @ ConfigError::Conflict { .. }) => e.to_string(),
+                other => panic!("{args:?}: {other:?}"),
+            };
+            assert!(err.starts_with(&format!("{flag} conflicts with --max-message-bytes")));
+            assert!(!err.contains('\n'), "{err}");
+        }
+        // The largest content the rule allows is accepted.
+        let room = (65536 - COMMAND_ENVELOPE_BYTES) / JSON_ESCAPE_FACTOR;
+        assert_eq!(
+            run(&["--max-content-bytes", &room.to_string()]).max_content_bytes,
+            room
+        );
+    }
+
+    #[test]
+    fn unknown_flags_are_named_once() {
+        let text = parse(&["--bogus"]).unwrap_err().to_string();
+        assert_eq!(text, "unknown flag --bogus (see --help)");
+        let text = parse(&["-x"]).unwrap_err().to_string();
+        assert_eq!(text, "unknown flag -x (see --help)");
+        let text = parse(&["stray"]).unwrap_err().to_string();
+        assert!(text.starts_with("unexpected argument \"stray\""), "{text}");
+        let text = parse(&["--echo=yes"]).unwrap_err().to_string();
+        assert!(
+            text.contains("--echo") && !text.contains("invalid option"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -518,7 +518,10 @@ impl Dispatcher {
         let max_rooms = self.settings.limits.max_rooms_per_user;
         let joined = self.tables.join(key, room, max_rooms);
         if joined == Joined::TooMany {
-            let text = format!("you are in {max_rooms} rooms already; leave one first");
+            let text = format!(
+                "you are in {} already; leave one first",
+                counted(max_rooms, "room", "rooms")
+            );
             return self.error(key, ErrorCode::TooManyRooms, &text, reference, out);
         }
         self.commit_before_reading(room, out);
@@ -688,9 +691,9 @@ impl Dispatcher {
         }
         all.sort_unstable_by(order);
         let content = if total > all.len() {
-            format!("{} of {total} rooms", all.len())
+            format!("{} of {}", all.len(), counted(total, "room", "rooms"))
         } else {
-            format!("{total} rooms")
+            counted(total, "room", "rooms")
         };
         let counts: Vec<protocol::RoomCount> = all
             .iter()
@@ -764,7 +767,10 @@ impl Dispatcher {
             // reader passing through.
             self.history.release(room);
         }
-        let content = format!("{} messages of {room}", messages.len());
+        let content = format!(
+            "{} of {room}",
+            counted(messages.len(), "message", "messages")
+        );
         let frame = protocol::encode_frame(&protocol::HistoryPage {
             kind: "history",
             content: &content,
@@ -777,8 +783,8 @@ impl Dispatcher {
 
     // ---- helpers --------------------------------------------------------
 
-    /// False (after telling the sender) when `content` is over
-    /// `max_content_bytes`.
+    /// False (after telling the sender) when `content` is empty or only
+    /// whitespace, or over `max_content_bytes`.
     fn content_fits(
         &mut self,
         key: ConnKey,
@@ -786,13 +792,20 @@ impl Dispatcher {
         reference: Option<&str>,
         out: &mut Outbound,
     ) -> bool {
+        // Checked before any id is reserved: an empty message is neither
+        // stored nor numbered.
+        if content.trim().is_empty() {
+            let text = "content is empty; send some text that is not only whitespace";
+            self.error(key, ErrorCode::Empty, text, reference, out);
+            return false;
+        }
         let max = self.settings.limits.max_content_bytes;
         if content.len() <= max {
             return true;
         }
         let text = format!(
-            "content is {} bytes; at most {max} are allowed",
-            content.len()
+            "content is {}; at most {max} are allowed",
+            counted(content.len(), "byte", "bytes")
         );
         self.error(key, ErrorCode::TooLong, &text, reference, out);
         false
@@ -869,6 +882,11 @@ fn fit_newest(list: &[Kept], budget: usize) -> Vec<&RawValue> {
 }
 
 /// A client-chosen name cut short enough to quote in an error.
+/// `n` and the noun that goes with it: "1 room", "2 rooms", "0 rooms".
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn clip(s: &str) -> &str {
     match s.char_indices().nth(40) {
         Some((i, _)) => &s[..i],
@@ -1180,6 +1198,46 @@ mod tests {
             "a".repeat(17)
         );
         assert_eq!(error_code(&h.send(0, &long)), "too_long");
+    }
+
+    #[test]
+    fn empty_content_is_refused_unstored_and_unnumbered() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        h.connect(1, "bob", "r");
+        for content in ["", " ", "\n\t", "\u{a0}\u{3000}\u{2028}"] {
+            let msg = serde_json::json!({"type":"message","content":content,"ref":"e1"});
+            let ev = h.send(0, &msg.to_string());
+            assert_eq!(types(&ev), vec![(0, "error".into())], "{content:?}");
+            assert_eq!(ev[0].1["code"], "empty");
+            assert_eq!(ev[0].1["ref"], "e1");
+            let dm = serde_json::json!({"type":"direct","to":"bob","content":content,"ref":"e2"});
+            let ev = h.send(0, &dm.to_string());
+            assert_eq!(types(&ev), vec![(0, "error".into())], "{content:?}");
+            assert_eq!(ev[0].1["code"], "empty");
+            assert_eq!(ev[0].1["ref"], "e2");
+        }
+        // No id was used up, nothing was kept.
+        let ev = h.send(0, r#"{"type":"message","content":" x "}"#);
+        assert_eq!(ev[0].1["id"], 1);
+        let ev = h.send(0, r#"{"type":"history","room":"r"}"#);
+        assert_eq!(ev[0].1["messages"].as_array().map(Vec::len), Some(1));
+        assert_eq!(ev[0].1["content"], "1 message of r");
+    }
+
+    #[test]
+    fn counts_are_worded_right() {
+        let mut h = Harness::new();
+        h.connect(0, "alice", "r");
+        assert_eq!(h.send(0, r#"{"type":"rooms"}"#)[0].1["content"], "1 room");
+        h.connect(1, "bob", "s");
+        assert_eq!(h.send(0, r#"{"type":"rooms"}"#)[0].1["content"], "2 rooms");
+        let ev = h.send(0, r#"{"type":"history","room":"r"}"#);
+        assert_eq!(ev[0].1["content"], "0 messages of r");
+        h.send(0, r#"{"type":"message","content":"a"}"#);
+        h.send(0, r#"{"type":"message","content":"b"}"#);
+        let ev = h.send(0, r#"{"type":"history","room":"r"}"#);
+        assert_eq!(ev[0].1["content"], "2 messages of r");
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! parser tungstenite uses too) so that loopchat can answer `/healthz`,
 //! `404`, `405`, `431` and the name checks itself, before tungstenite is
 //! ever involved: tungstenite only understands valid upgrade requests and
-//! writes no answer to anything else.
+//! writes no answer to anything else. `HEAD` gets the `GET` answer without
+//! its body ([`without_body`]); `/name-check` ([`name_check`]) tells the
+//! browser page why a name would be refused, which a browser's WebSocket
+//! API never shows it.
 
 use std::fmt;
 
@@ -239,6 +242,46 @@ pub fn answer(
     out
 }
 
+/// The same answer with its body cut off, for `HEAD` (RFC 9110 §9.3.2):
+/// status and headers, `Content-Length` included, exactly as for `GET`.
+pub fn without_body(mut answer: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+        answer.truncate(end + 4);
+    }
+    answer
+}
+
+/// Why `/name-check` would refuse an upgrade with this query, as the JSON
+/// answer `{"ok":true}` or `{"ok":false,"reason":…,"content":…}`. `taken`
+/// says whether a name is held by a connection. Tokens are not checked:
+/// with `--auth-file` the token, not the name, decides.
+pub fn name_check(query: Option<&str>, taken: impl Fn(&str) -> bool) -> Vec<u8> {
+    let verdict = |reason: &str, content: String| serde_json::json!({"ok": false, "reason": reason, "content": content});
+    let rule = crate::rooms::NAME_RULE;
+    let username = query_param(query, "username");
+    let room = query_param(query, "room");
+    let body = match (username, room) {
+        (Some(Err(())), _) | (_, Some(Err(()))) => verdict(
+            "bad_encoding",
+            "the query is not valid percent-encoded UTF-8".into(),
+        ),
+        (_, Some(Ok(room))) if !crate::rooms::valid_name(&room) => {
+            verdict("bad_room", format!("room must be {rule}"))
+        }
+        // No name (or an empty one): the server picks a free guest-<n>.
+        (None, _) => serde_json::json!({"ok": true}),
+        (Some(Ok(name)), _) if name.is_empty() => serde_json::json!({"ok": true}),
+        (Some(Ok(name)), _) if !crate::rooms::valid_name(&name) => {
+            verdict("invalid", format!("username must be {rule}"))
+        }
+        (Some(Ok(name)), _) if taken(&name) => {
+            verdict("taken", format!("{name} is already connected"))
+        }
+        (Some(Ok(_)), _) => serde_json::json!({"ok": true}),
+    };
+    answer(200, "application/json", body.to_string().as_bytes(), &[])
+}
+
 /// A short plain-text answer (every error answer is one).
 pub fn text(status: u16, body: &str) -> Vec<u8> {
     let mut body = body.to_string();
@@ -339,6 +382,43 @@ mod tests {
     fn bad_percent_encoding_is_an_error() {
         assert_eq!(query_param(Some("username=%zz"), "username"), Some(Err(())));
         assert_eq!(query_param(Some("username=%ff"), "username"), Some(Err(())));
+    }
+
+    fn check(query: &str) -> serde_json::Value {
+        let a = name_check(Some(query), |n| n == "alice");
+        let a = String::from_utf8(a).unwrap();
+        assert!(a.starts_with("HTTP/1.1 200 OK\r\n"), "{a}");
+        let body = a.split("\r\n\r\n").nth(1).unwrap();
+        serde_json::from_str(body).unwrap()
+    }
+
+    #[test]
+    fn name_check_says_why() {
+        assert_eq!(check("username=bob"), serde_json::json!({"ok": true}));
+        assert_eq!(check("username="), serde_json::json!({"ok": true}));
+        assert_eq!(check(""), serde_json::json!({"ok": true}));
+        assert_eq!(check("username=alice")["reason"], "taken");
+        assert_eq!(check("username=al%20ice")["reason"], "invalid");
+        assert_eq!(check("username=bob&room=a/b")["reason"], "bad_room");
+        assert_eq!(check("username=%ff")["reason"], "bad_encoding");
+        assert!(check("username=alice")["content"]
+            .as_str()
+            .unwrap()
+            .contains("already connected"));
+    }
+
+    #[test]
+    fn head_answers_keep_the_headers() {
+        let get = text(404, "no such path");
+        let head = without_body(get.clone());
+        assert!(get.starts_with(&head));
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.ends_with(
+                "Content-Length: 13\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
+            ),
+            "{head}"
+        );
     }
 
     #[test]

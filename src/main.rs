@@ -13,7 +13,7 @@ use loopchat::{Config, Server};
 static HEAP: loopchat::memory::Counting = loopchat::memory::Counting;
 
 fn main() -> ExitCode {
-    let config = match Config::from_args(std::env::args_os().skip(1)) {
+    let mut config = match Config::from_args(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(config)) => *config,
         Ok(Parsed::Help) => {
             print!("{}", config::help());
@@ -29,17 +29,22 @@ fn main() -> ExitCode {
         }
     };
     loopchat::logger::init(config.log_level);
-    let history = if config.persist {
-        format!("{} (fsync {})", config.data_dir.display(), config.fsync)
-    } else {
-        "memory only".to_string()
-    };
+    // `--data-dir` is relative to wherever the server was started: from
+    // here on, every log line names the directory it really uses.
+    if let Ok(dir) = std::path::absolute(&config.data_dir) {
+        config.data_dir = dir;
+    }
     let server = match Server::bind(config.clone()) {
         Ok(server) => server,
         Err(e) => {
             eprintln!("loopchat: {e}");
             return ExitCode::from(2);
         }
+    };
+    let history = if config.persist {
+        format!("{} (fsync {})", config.data_dir.display(), config.fsync)
+    } else {
+        "memory only".to_string()
     };
     log::info!(
         "listening on ws://{}/ws (history: {history}; max {} connections, {} B messages, {} B outbox)",

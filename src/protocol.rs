@@ -3,8 +3,8 @@
 //! Pure: no sockets, no room tables. A command is decoded once from a text
 //! frame; an event is encoded once into a complete WebSocket frame
 //! ([`Frame`]) that can be handed, shared and unchanged, to every recipient.
-//! `docs/protocol.md` is the reader's version of this file;
-//! `../shared/PROTOCOL.md` is the contract both follow.
+//! `docs/protocol.md` is the reader's version of this file and the
+//! contract clients rely on.
 //!
 //! Read RFC 6455 §5.2 (base framing) before editing [`encode_frame`].
 
@@ -38,6 +38,8 @@ pub enum ErrorCode {
     RateLimited,
     BinaryUnsupported,
     HistoryUnavailable,
+    /// Message or direct content that is empty or only whitespace.
+    Empty,
 }
 
 impl ErrorCode {
@@ -55,6 +57,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BinaryUnsupported => "binary_unsupported",
             ErrorCode::HistoryUnavailable => "history_unavailable",
+            ErrorCode::Empty => "empty",
         }
     }
 }
@@ -136,26 +139,15 @@ const MESSAGE_SHAPE: &str = r#"{"type":"message","content":"…"}"#;
 pub fn decode(text: &str) -> Result<(Command<'_>, Option<Cow<'_, str>>), Rejected<'_>> {
     let fields: Fields = match serde_json::from_str(text) {
         Ok(wire) => wire,
-        Err(e) => {
-            // serde quotes the offending input; keep the echo short.
-            let detail = e.to_string();
-            return Err(Rejected {
-                code: ErrorCode::BadJson,
-                reason: format!(
-                    "expected one JSON object such as {MESSAGE_SHAPE} ({})",
-                    truncate(&detail, 160)
-                )
-                .into(),
-                reference: None,
-            });
-        }
+        Err(e) => return Err(explain_bad_json(text, &e)),
     };
     let reference = fields.reference;
     if let Some(r) = &reference {
         if r.chars().count() > MAX_REF_CHARS {
             return Err(Rejected {
                 code: ErrorCode::TooLong,
-                reason: format!("ref is longer than {MAX_REF_CHARS} characters").into(),
+                reason: format!("ref must be a string of at most {MAX_REF_CHARS} characters")
+                    .into(),
                 reference: None,
             });
         }
@@ -217,6 +209,112 @@ pub fn decode(text: &str) -> Result<(Command<'_>, Option<Cow<'_, str>>), Rejecte
         }
     };
     Ok((command, reference))
+}
+
+/// The fields a command may carry and the shape each must have, in the
+/// words an error shows a chat user.
+const FIELD_SHAPES: [(&str, Shape); 8] = [
+    ("type", Shape::Text),
+    ("content", Shape::Text),
+    ("room", Shape::Text),
+    ("to", Shape::Text),
+    ("ref", Shape::Ref),
+    ("since", Shape::Id),
+    ("before", Shape::Id),
+    ("limit", Shape::Id),
+];
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Text,
+    Ref,
+    Id,
+}
+
+impl Shape {
+    fn fits(self, v: &serde_json::Value) -> bool {
+        match self {
+            Shape::Text => v.is_string(),
+            Shape::Ref => v
+                .as_str()
+                .is_some_and(|r| r.chars().count() <= MAX_REF_CHARS),
+            Shape::Id => v.is_u64(),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Shape::Text => "a string".into(),
+            Shape::Ref => format!("a string of at most {MAX_REF_CHARS} characters"),
+            Shape::Id => "a whole number (0 or more)".into(),
+        }
+    }
+}
+
+/// Why a frame did not decode, said the way a chat user can act on: which
+/// field has the wrong shape (`content must be a string`), or that the
+/// frame is not one JSON object. Only runs for frames that failed, so the
+/// good path parses once; serde's own wording ("invalid type: integer `1`,
+/// expected a string at line 1 column 2") is kept out of the answer.
+fn explain_bad_json<'a>(text: &str, e: &serde_json::Error) -> Rejected<'a> {
+    let bad_json = |reason: String, reference: Option<Cow<'a, str>>| Rejected {
+        code: ErrorCode::BadJson,
+        reason: reason.into(),
+        reference,
+    };
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) => {
+            let at = match e.classify() {
+                serde_json::error::Category::Eof => "it ends too early".to_string(),
+                _ => format!("line {} column {}", e.line(), e.column()),
+            };
+            return bad_json(
+                format!("not JSON ({at}); send one JSON object such as {MESSAGE_SHAPE}"),
+                None,
+            );
+        }
+    };
+    let Some(object) = value.as_object() else {
+        let got = match value {
+            serde_json::Value::Null => "null",
+            serde_json::Value::Bool(_) => "true or false",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::Object(_) => "an object",
+        };
+        return bad_json(
+            format!("got {got}; send one JSON object such as {MESSAGE_SHAPE}"),
+            None,
+        );
+    };
+    // A well-formed `ref` is echoed even when another field is wrong, so the
+    // client can tell which of its sends this was.
+    let reference = object
+        .get("ref")
+        .filter(|r| Shape::Ref.fits(r))
+        .and_then(|r| r.as_str())
+        .map(|r| Cow::Owned(r.to_string()));
+    for (field, shape) in FIELD_SHAPES {
+        match object.get(field) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(v) if shape.fits(v) => {}
+            Some(_) => {
+                let reason = format!("{field} must be {}", shape.describe());
+                return bad_json(reason, reference);
+            }
+        }
+    }
+    // Valid JSON, every field the right shape, yet serde refused it: a
+    // field given twice.
+    bad_json(
+        format!(
+            "could not read the command ({}); send one JSON object such as {MESSAGE_SHAPE}",
+            truncate(&e.to_string(), 80)
+        ),
+        reference,
+    )
 }
 
 fn missing<'a>(field: &'static str, reference: Option<Cow<'a, str>>) -> Rejected<'a> {
@@ -528,6 +626,78 @@ mod tests {
         );
         let long_ref = format!(r#"{{"type":"rooms","ref":"{}"}}"#, "x".repeat(65));
         assert_eq!(code(&long_ref), ErrorCode::TooLong);
+    }
+
+    fn reason(text: &str) -> (ErrorCode, String, Option<String>) {
+        let r = decode(text).unwrap_err();
+        (
+            r.code,
+            r.reason.into_owned(),
+            r.reference.map(Cow::into_owned),
+        )
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field_and_the_shape() {
+        for (text, want) in [
+            (
+                r#"{"type":"message","content":5}"#,
+                "content must be a string",
+            ),
+            (r#"{"type":1}"#, "type must be a string"),
+            (r#"{"type":"join","room":["r"]}"#, "room must be a string"),
+            (
+                r#"{"type":"direct","to":7,"content":"x"}"#,
+                "to must be a string",
+            ),
+            (
+                r#"{"type":"rooms","ref":5}"#,
+                "ref must be a string of at most 64 characters",
+            ),
+            (
+                r#"{"type":"join","room":"r","since":-1}"#,
+                "since must be a whole number (0 or more)",
+            ),
+            (
+                r#"{"type":"history","room":"r","limit":"5"}"#,
+                "limit must be a whole number (0 or more)",
+            ),
+        ] {
+            let (code, text_out, _) = reason(text);
+            assert_eq!(code, ErrorCode::BadJson, "{text}");
+            assert_eq!(text_out, want, "{text}");
+        }
+        // A good ref beside a bad field is echoed.
+        let (_, _, r) = reason(r#"{"type":"message","content":false,"ref":"c7"}"#);
+        assert_eq!(r.as_deref(), Some("c7"));
+        let long_ref = format!(r#"{{"type":"rooms","ref":"{}"}}"#, "x".repeat(65));
+        let (code, text_out, _) = reason(&long_ref);
+        assert_eq!(code, ErrorCode::TooLong);
+        assert_eq!(text_out, "ref must be a string of at most 64 characters");
+    }
+
+    #[test]
+    fn serde_wording_stays_out_of_answers() {
+        for text in [
+            "1",
+            "[1,2]",
+            "\"hi\"",
+            "{\"type\":",
+            "just text",
+            r#"{"type":"message","content":5}"#,
+        ] {
+            let (code, why, _) = reason(text);
+            assert_eq!(code, ErrorCode::BadJson);
+            assert!(!why.contains("invalid type"), "{text}: {why}");
+            assert!(!why.contains("expected struct"), "{text}: {why}");
+        }
+        assert!(reason("[1,2]")
+            .1
+            .starts_with("got an array; send one JSON object"));
+        assert!(reason("1").1.starts_with("got a number;"));
+        assert!(reason("{\"type\":")
+            .1
+            .starts_with("not JSON (it ends too early)"));
     }
 
     #[test]

@@ -724,52 +724,68 @@ impl Server {
         }
     }
 
-    /// Decide what a complete request head gets.
+    /// Decide what a complete request head gets. `HEAD` of a plain
+    /// endpoint gets exactly the `GET` answer's status and headers, without
+    /// the body (uptime checkers use it); it never upgrades.
     fn route(&mut self, key: usize, head: Head) {
-        if head.method != "GET" {
+        let head_only = head.method == "HEAD";
+        if head.method != "GET" && !head_only {
             self.counters.reject(Reject::Method);
             let body = http::answer(
                 405,
                 "text/plain; charset=utf-8",
-                b"only GET is supported\n",
-                &[("Allow", "GET")],
+                b"only GET and HEAD are supported\n",
+                &[("Allow", "GET, HEAD")],
             );
             return self.answer(key, body);
         }
-        let endpoint = match (head.path.as_str(), head.upgrade) {
-            ("/ws" | "/", true) => Endpoint::Chat,
-            ("/echo", true) if self.config.echo => Endpoint::Echo,
-            ("/healthz", _) => {
-                let body = if self.dispatcher.history_ref().healthy() {
-                    http::text(200, "ok")
-                } else {
-                    http::text(503, "history store is failing")
-                };
-                return self.answer(key, body);
-            }
+        let upgrade = head.upgrade && !head_only;
+        let plain = match (head.path.as_str(), upgrade) {
+            ("/ws" | "/", true) => Ok(Endpoint::Chat),
+            ("/echo", true) if self.config.echo => Ok(Endpoint::Echo),
+            ("/healthz", _) => Err(if self.dispatcher.history_ref().healthy() {
+                http::text(200, "ok")
+            } else {
+                http::text(503, "history store is failing")
+            }),
             ("/stats", _) => {
                 let body = self.snapshot().to_json();
-                let body = http::answer(200, "application/json", body.as_bytes(), &[]);
-                return self.answer(key, body);
+                Err(http::answer(200, "application/json", body.as_bytes(), &[]))
             }
             ("/metrics", _) => {
                 let body = self.snapshot().to_prometheus();
-                let body = http::answer(200, "text/plain; version=0.0.4", body.as_bytes(), &[]);
-                return self.answer(key, body);
+                Err(http::answer(
+                    200,
+                    "text/plain; version=0.0.4",
+                    body.as_bytes(),
+                    &[],
+                ))
             }
-            ("/", false) => {
-                let body = http::answer(200, "text/html; charset=utf-8", PAGE.as_bytes(), &[]);
-                return self.answer(key, body);
+            ("/name-check", _) => {
+                let tables = self.dispatcher.tables();
+                Err(http::name_check(head.query.as_deref(), |name| {
+                    tables.by_name(name).is_some()
+                }))
             }
+            ("/", false) => Err(http::answer(
+                200,
+                "text/html; charset=utf-8",
+                PAGE.as_bytes(),
+                &[],
+            )),
             ("/ws", false) | ("/echo", false) if head.path == "/ws" || self.config.echo => {
                 self.counters.reject(Reject::BadRequest);
-                let body = http::text(400, "this endpoint needs a WebSocket upgrade");
-                return self.answer(key, body);
+                Err(http::text(400, "this endpoint needs a WebSocket upgrade"))
             }
             _ => {
                 self.counters.reject(Reject::NotFound);
-                return self.answer(key, http::text(404, "no such path"));
+                Err(http::text(404, "no such path"))
             }
+        };
+        let endpoint = match plain {
+            Ok(endpoint) => endpoint,
+            Err(body) if head_only => return self.answer(key, http::without_body(body)),
+            Err(body) => return self.answer(key, body),
         };
         if let Err((why, status, text)) = self.check_upgrade(key, &head, endpoint) {
             self.counters.reject(why);

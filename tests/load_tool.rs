@@ -190,6 +190,7 @@ fn churn_completes_every_cycle() {
     assert_eq!(r["failures"], 0, "{r}");
     assert_eq!(r["welcome"]["count"], 100, "{r}");
     assert!(r["server"]["rss_growth_kb"].is_number(), "{r}");
+    assert!(r["server"]["cpu_us_per_cycle"].is_number(), "{r}");
 }
 
 /// Idle sessions against a port nobody listens on: each counts as a

@@ -1,6 +1,6 @@
 //! The whole wire protocol over real sockets: every command of
-//! `../shared/PROTOCOL.md` §3, every event of §4, every error code and close
-//! code of §5, the `since` resume of §2, and what `docs/protocol.md` promises
+//! `docs/protocol.md` §3, every event of §4, every error code of §5 and
+//! close code of §6, the `since` resume of §2 and §8, and what it promises
 //! about empty rooms and ids.
 //!
 //! Each test's doc says what it demonstrates. Every wait has a deadline (the
@@ -634,6 +634,89 @@ fn error_bad_json() {
     }
 }
 
+/// A field of the wrong JSON type is named with the shape it must have, in
+/// words for a chat user (not serde's "invalid type: integer `5`,
+/// expected a string at line 1 column 29"); a good `ref` beside it is
+/// echoed; a `ref` that is not a string says what a `ref` must be.
+#[test]
+fn error_bad_json_names_the_field() {
+    let server = TestServer::start();
+    let mut c = ready(&server, "username=alice");
+    for (command, reference, want) in [
+        (
+            json!({"type":"message","content":5,"ref":"b1"}),
+            Some("b1"),
+            "content must be a string",
+        ),
+        (
+            json!({"type":"rooms","ref":5}),
+            None,
+            "ref must be a string of at most 64 characters",
+        ),
+        (
+            json!({"type":"join","room":"r","since":"7"}),
+            None,
+            "since must be a whole number (0 or more)",
+        ),
+        (json!({"type":["message"]}), None, "type must be a string"),
+    ] {
+        let e = refused(
+            &mut c,
+            Message::text(command.to_string()),
+            "bad_json",
+            reference,
+        );
+        assert_eq!(e["content"], want, "{command}");
+    }
+    let e = refused(&mut c, Message::text("1"), "bad_json", None);
+    let text = e["content"].as_str().unwrap();
+    assert!(
+        text.starts_with("got a number; send one JSON object"),
+        "{e}"
+    );
+    assert!(!text.contains("invalid type"), "{e}");
+}
+
+/// `empty`: message or direct content that is empty or only Unicode
+/// whitespace is refused with its `ref`; nothing reaches the room or the
+/// recipient, nothing is kept, and no id is used up.
+#[test]
+fn error_empty() {
+    let server = TestServer::start();
+    let mut alice = ready(&server, "username=alice");
+    let mut bob = ready(&server, "username=bob");
+    alice.expect("join");
+    let first = say_in(&mut alice, "default", "before")["id"]
+        .as_u64()
+        .unwrap();
+    bob.expect("message");
+    for content in ["", "   ", "\n\t\r", "\u{a0}\u{2003}\u{3000}"] {
+        refused_json(
+            &mut alice,
+            json!({"type":"message","content":content,"ref":"e1"}),
+            "empty",
+        );
+        refused_json(
+            &mut alice,
+            json!({"type":"direct","to":"bob","content":content,"ref":"e2"}),
+            "empty",
+        );
+    }
+    let next = say_in(&mut alice, "default", "after")["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(next, first + 1, "an empty message used up an id");
+    // bob's very next event is the real message: nothing empty reached him.
+    let m = bob.next();
+    assert_eq!(
+        (m["type"].as_str(), m["content"].as_str()),
+        (Some("message"), Some("after"))
+    );
+    alice.send(json!({"type":"history","room":"default","ref":"h"}));
+    let page = alice.expect("history");
+    assert_eq!(ids(&page["messages"]), vec![first, next]);
+}
+
 /// `unknown_type`: a `type` that is no command; the content lists the
 /// commands.
 #[test]
@@ -1047,6 +1130,9 @@ fn transcript() {
         r#"{"type":"who","room":"lobby"}"#,
         r#"{"type":"history","room":"lobby","before":2,"limit":50}"#,
         "hello",
+        r#"{"type":"message","content":5,"ref":"c6"}"#,
+        r#"{"type":"rooms","ref":5}"#,
+        r#"{"type":"message","content":"  ","ref":"c7"}"#,
         r#"{"type":"dance","ref":"c5"}"#,
         r#"{"content":"hi"}"#,
         r#"{"type":"join"}"#,

@@ -49,6 +49,7 @@ let bob = null;         // phone-sized page, in its own browser context
 let raw = null;         // a page used only as a raw WebSocket client (own context)
 const dialogs = [];     // any alert()/confirm() that fired: must stay empty
 const pageErrors = [];  // uncaught exceptions in the pages: must stay empty
+const requested = [];   // every URL a page asked for (no /favicon.ico among them)
 
 // ---- the server process --------------------------------------------------
 
@@ -136,6 +137,7 @@ async function newPage({ phone = false } = {}) {
   page.setDefaultTimeout(WAIT_MS);
   page.on('dialog', async (d) => { dialogs.push(d.message()); await d.dismiss(); });
   page.on('pageerror', (e) => pageErrors.push(e.message));
+  page.on('request', (r) => requested.push(r.url()));
   if (process.env.TRACE_FRAMES) {
     // TRACE_FRAMES=1 prints every WebSocket frame of every page (debugging aid).
     const id = Math.random().toString(36).slice(2, 6);
@@ -183,6 +185,11 @@ async function inSidebar(page, selector) {
     await page.click('#menu');
   }
   await page.click(selector);
+}
+
+/** The notice lines (join/leave/error) of the active view. */
+function shownNotices(page) {
+  return page.$$eval('#messages li.notice', (lis) => lis.map((li) => li.textContent));
 }
 
 /** Limits the server announced in `welcome`, as the page stored them. */
@@ -317,7 +324,39 @@ step('the server serves the page at / and two users connect', async () => {
   await alice.locator('#members li[data-user="bob"]').waitFor();
   await alice.locator('#members li[data-user="alice"]').waitFor();
   assert.equal(await alice.textContent('#room-title'), '#default');
+  // Each user sees their own join too, and others' joins.
+  assert.ok((await shownNotices(alice)).includes('you (alice) joined'), `${await shownNotices(alice)}`);
+  assert.ok((await shownNotices(alice)).includes('bob joined'));
+  assert.ok((await shownNotices(bob)).includes('you (bob) joined'));
   await shot(alice, '01-alice-joined');
+});
+
+step('the icon is inline: no /favicon.ico request, and the SVG decodes', async () => {
+  const href = await alice.getAttribute('link[rel="icon"]', 'href');
+  assert.ok(href.startsWith('data:image/svg+xml,'), href);
+  const size = await alice.evaluate((src) => new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve([img.naturalWidth, img.naturalHeight]);
+    img.onerror = () => reject(new Error('the icon does not decode'));
+    img.src = src;
+  }), href);
+  assert.ok(size[0] > 0 && size[1] > 0, `icon size ${size}`);
+  assert.deepEqual(requested.filter((u) => u.endsWith('/favicon.ico')), []);
+});
+
+step('an empty username gets a guest name', async () => {
+  const guest = await newPage();
+  await guest.goto(url());
+  await guest.fill('#username', '');
+  await guest.click('#connect');
+  await guest.locator('#status[data-state="online"]').waitFor();
+  const status = await guest.textContent('#status');
+  const m = /^online as (guest-\d+)$/.exec(status);
+  assert.ok(m, `status: ${status}`);
+  await guest.locator(`#members li[data-user="${m[1]}"]`).waitFor();
+  assert.ok((await shownNotices(guest)).includes(`you (${m[1]}) joined`));
+  await shot(guest, '01b-guest');
+  await guest.context().close();
 });
 
 step('a message each way', async () => {
@@ -358,15 +397,26 @@ step('a direct message reaches only its recipient, shown in the Direct view', as
   await alice.click('#dm-clear');
 });
 
-step('a taken name is explained on the login form', async () => {
+step('a refused name says why: taken, or breaking the rule', async () => {
   const third = await newPage();
   await third.goto(url());
   await third.fill('#username', 'alice');
   await third.click('#connect');
   await third.locator('#status[data-state="failed"]').waitFor({ state: 'attached' });
-  const text = await third.textContent('#login-error');
-  assert.match(text, /taken \(409\) or invalid \(400\)/);
+  assert.equal(await third.textContent('#login-error'),
+    'the name alice is taken: someone connected uses it; pick another');
   await shot(third, '05-name-taken');
+  // The page's own check of the rule, before asking the server.
+  await third.fill('#username', 'no spaces!');
+  await third.click('#connect');
+  assert.match(await third.textContent('#login-error'), /^invalid name: use 1–32 letters/);
+  // The server's check, asked directly as the page does: the same reasons.
+  const answers = await third.evaluate(async () => {
+    const ask = async (q) => (await fetch(`/name-check?${q}`)).json();
+    return [await ask('username=alice'), await ask('username=no%20spaces'),
+            await ask('username=zed&room=a%2Fb'), await ask('username=zed')];
+  });
+  assert.deepEqual(answers.map((a) => a.ok ? 'ok' : a.reason), ['taken', 'invalid', 'bad_room', 'ok']);
   await third.context().close();
 });
 
@@ -462,7 +512,8 @@ step('joining a room shows its backlog and "Load older" pages further back', asy
     await alice.click('#older');
     await alice.waitForFunction(() => !document.getElementById('older').textContent.startsWith('Loading'));
   }
-  assert.equal(await alice.textContent('#older'), 'No older messages');
+  // Nothing older left: the button is gone, not merely disabled.
+  assert.ok(await alice.locator('#older').isHidden(), '"Load older" still shown');
   const ids = await shownIds(alice);
   const truth = (await rawClient({ username: 'checker2', room: 'paging' })).historyIds;
   assertStrictlyIncreasing(ids, 'alice #paging');
@@ -478,6 +529,35 @@ step('joining a room shows its backlog and "Load older" pages further back', asy
   await inSidebar(bob, '#rooms li[data-room="default"] .name');
 });
 
+step('"Load older" is hidden where nothing older exists', async () => {
+  // A new room has no history at all.
+  await alice.fill('#join-room', 'quiet');
+  await alice.click('#join');
+  await alice.locator('#room-title', { hasText: '#quiet' }).waitFor();
+  assert.ok(await alice.locator('#older').isHidden(), '"Load older" shown in an empty room');
+  await sendMessage(alice, 'first words in quiet');
+  await waitForMessage(alice, 'first words in quiet');
+  assert.ok(await alice.locator('#older').isHidden(), '"Load older" shown above message #1');
+  await shot(alice, '09b-quiet-no-older');
+});
+
+step('switching rooms clears the direct-message recipient', async () => {
+  // alice picks bob as recipient from #default's member list.
+  await alice.click('#rooms li[data-room="default"] .name');
+  await alice.locator('#room-title', { hasText: '#default' }).waitFor();
+  await alice.click('#members li[data-user="bob"]');
+  assert.equal(await alice.inputValue('#dm-to'), 'bob');
+  assert.equal(await alice.getAttribute('#input', 'placeholder'), 'Direct message to bob');
+  await alice.click('#rooms li[data-room="quiet"] .name');
+  await alice.locator('#room-title', { hasText: '#quiet' }).waitFor();
+  assert.equal(await alice.inputValue('#dm-to'), '');
+  assert.equal(await alice.getAttribute('#input', 'placeholder'), 'Message #quiet');
+  // So the next line goes to the room the header shows.
+  await sendMessage(alice, 'meant for quiet');
+  await waitForMessage(alice, 'meant for quiet');
+  await shot(alice, '09c-room-switch-clears-dm');
+});
+
 step('the phone layout opens the rooms drawer', async () => {
   await bob.click('#menu');
   await bob.locator('aside').waitFor();
@@ -487,4 +567,5 @@ step('the phone layout opens the rooms drawer', async () => {
   await bob.click('#menu');
   assert.deepEqual(dialogs, [], 'a dialog fired');
   assert.deepEqual(pageErrors, [], 'the page threw');
+  assert.deepEqual(requested.filter((u) => u.endsWith('/favicon.ico')), [], 'a page asked for /favicon.ico');
 });

@@ -102,7 +102,8 @@ SCENARIOS
   fanout   --receivers in one room, --senders of them send --messages each;
            checks exactly-once in-order delivery, reports deliveries/s and latency
   churn    connect, welcome, one message, close; --concurrency at a time,
-           --cycles in all; handshakes/s and server RSS growth (with --pid)
+           --cycles in all; handshakes/s, server CPU per cycle and RSS growth
+           (with --pid)
 
 COMMON FLAGS (default in brackets)
   --url URL               server WebSocket URL, loopback only [ws://127.0.0.1:8080/ws]

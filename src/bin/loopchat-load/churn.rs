@@ -2,8 +2,9 @@
 //! wait for `welcome`, send one message, wait for our own copy of it, send a
 //! close frame and wait for the server's close (or EOF). `--concurrency` of
 //! them in flight, `--cycles` in all. What it exercises is the server's
-//! accept/handshake/teardown path; with `--pid`, server RSS that keeps
-//! growing from the middle of the run to its end points at a leak.
+//! accept/handshake/teardown path; with `--pid`, the server's CPU time per
+//! completed cycle (its cost of one whole session), and server RSS that
+//! keeps growing from the middle of the run to its end points at a leak.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -199,6 +200,12 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
     let per_s = t.completed as f64 / elapsed.max(1e-9);
     let mid = mid.unwrap_or_default();
     let growth = after.rss_growth_kb(&before);
+    // Server CPU over the whole run (user + system, from /proc) divided by
+    // the cycles completed: what one connect-to-close session costs it.
+    let cpu = after.cpu_since(&before);
+    let cpu_us_per_cycle = cpu
+        .filter(|_| t.completed > 0)
+        .map(|s| s * 1e6 / t.completed as f64);
     let late_growth = after.rss_growth_kb(&mid);
     let json = json!({
         "scenario": "churn",
@@ -223,6 +230,8 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
             "rss_after_kb": after.rss_kb,
             "rss_growth_kb": growth,
             "rss_growth_second_half_kb": late_growth,
+            "cpu_s": cpu.map(|x| report::round(x, 3)),
+            "cpu_us_per_cycle": cpu_us_per_cycle.map(|x| report::round(x, 1)),
             "stats_connections_after": after.connections,
         },
     });
@@ -253,6 +262,12 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
             o.duration_s
         );
     }
+    h += &format!(
+        "  server CPU per cycle: {}\n",
+        report::or_na(
+            cpu_us_per_cycle.map(|x| format!("{x:.1} us ({:.2} s in all)", cpu.unwrap_or(0.0)))
+        )
+    );
     h += &format!(
         "  server RSS growth: {}\n",
         report::or_na(growth.map(|g| {
