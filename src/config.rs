@@ -15,7 +15,7 @@ use tungstenite::protocol::WebSocketConfig;
 
 /// How durable a message must be before it is released (`--fsync`); owned
 /// by the store, which is what it configures.
-pub use crate::store::disk::Fsync;
+pub use crate::store::Fsync;
 
 /// The whole configuration. `Config::default()` is the embedded default.
 #[derive(Debug, Clone)]
