@@ -107,7 +107,9 @@ impl Model {
 }
 
 fn got(v: Vec<Kept>) -> Vec<(u64, String)> {
-    v.into_iter().map(|k| (k.id, k.json.get().to_string())).collect()
+    v.into_iter()
+        .map(|k| (k.id, k.json.get().to_string()))
+        .collect()
 }
 
 struct TempDir(PathBuf);
@@ -116,8 +118,7 @@ impl TempDir {
     fn new() -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let path =
-            std::env::temp_dir().join(format!("loopchat-model-{}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("loopchat-model-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         TempDir(path)
     }

@@ -326,7 +326,8 @@ mod tests {
 
     #[test]
     fn bad_lines_are_counted_and_never_move_ids() {
-        let input = b"{\"id\":5}\n{\"id\":\"7\"}\n[1]\n\0\0\n{\"id\":5000000\n{\"id\":3}\n{\"id\":6}\n\n";
+        let input =
+            b"{\"id\":5}\n{\"id\":\"7\"}\n[1]\n\0\0\n{\"id\":5000000\n{\"id\":3}\n{\"id\":6}\n\n";
         let seg = parse_segment(input);
         // The 5000000 line is not JSON; 3 does not increase; "" is no record.
         assert_eq!(ids(&seg), vec![5, 6]);
@@ -354,10 +355,7 @@ mod tests {
 
     #[test]
     fn segment_names_are_twenty_digits() {
-        assert_eq!(
-            parse_segment_name("00000000000000000042.jsonl"),
-            Some(42)
-        );
+        assert_eq!(parse_segment_name("00000000000000000042.jsonl"), Some(42));
         assert_eq!(parse_segment_name("42.jsonl"), None);
         assert_eq!(parse_segment_name("ids"), None);
     }

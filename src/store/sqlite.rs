@@ -442,9 +442,14 @@ impl SqliteHistory {
             .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
             .map_err(db_err)?;
         if check != "ok" {
+            // Its report spans lines; the operator gets one.
+            let mut detail = check.split_whitespace().collect::<Vec<_>>().join(" ");
+            if let Some((cut, _)) = detail.char_indices().nth(200) {
+                detail.truncate(cut);
+            }
             return Err(OpenError::Corrupt {
                 path: db_path,
-                detail: check,
+                detail,
             });
         }
         conn.execute_batch(SCHEMA).map_err(db_err)?;
@@ -822,7 +827,9 @@ fn migrate(conn: &Connection, dir: &Path) -> Result<u64, OpenError> {
                 conn.execute(SAVE_LAST_ID, params![name, last])
                     .map_err(|e| e.to_string())?;
                 let rid: i64 = conn
-                    .query_row("SELECT rid FROM rooms WHERE name = ?1", [name], |r| r.get(0))
+                    .query_row("SELECT rid FROM rooms WHERE name = ?1", [name], |r| {
+                        r.get(0)
+                    })
                     .map_err(|e| e.to_string())?;
                 for r in &room.records {
                     let id = i64::try_from(r.id).map_err(|e| e.to_string())?;
@@ -909,7 +916,10 @@ impl History for SqliteHistory {
         if msg.id <= live.stored || msg.id > live.last_id {
             return Err(HistoryError::Io(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("id {} was not reserved or is not above the last kept", msg.id),
+                format!(
+                    "id {} was not reserved or is not above the last kept",
+                    msg.id
+                ),
             )));
         }
         let rid = live.rid;
@@ -1158,7 +1168,10 @@ mod tests {
                 plan.iter().all(|step| !step.starts_with("SCAN")),
                 "{sql}: {plan:?}"
             );
-            assert!(plan.iter().any(|step| step.starts_with("SEARCH")), "{plan:?}");
+            assert!(
+                plan.iter().any(|step| step.starts_with("SEARCH")),
+                "{plan:?}"
+            );
         }
     }
 
