@@ -354,11 +354,7 @@ const FULL_DISK_BYTES: u64 = 32 * 1024 + 1;
 /// Starts the binary like [`Server::start`], but with `RLIMIT_FSIZE` at
 /// [`FULL_DISK_BYTES`] and `SIGXFSZ` ignored, so that a write past the limit
 /// fails with `EFBIG` as a write to a full disk fails with `ENOSPC`.
-fn start_on_a_full_disk(
-    data: &Path,
-    args: &[&str],
-    deadline: Instant,
-) -> (std::process::Child, u16) {
+fn start_on_a_full_disk(data: &Path, args: &[&str], deadline: Instant) -> FullDisk {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loopchat"));
@@ -384,8 +380,11 @@ fn start_on_a_full_disk(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("spawn loopchat");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut server = FullDisk {
+        child: cmd.spawn().expect("spawn loopchat"),
+        port: 0,
+    };
+    let stderr = server.child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr).lines() {
@@ -400,7 +399,33 @@ fn start_on_a_full_disk(
             .expect("the listening line");
         if let Some(rest) = line.split("listening on ws://127.0.0.1:").nth(1) {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            return (child, digits.parse().expect("port"));
+            server.port = digits.parse().expect("port");
+            return server;
+        }
+    }
+}
+
+/// A server started by [`start_on_a_full_disk`]; killed and reaped when
+/// dropped, if it has not exited.
+struct FullDisk {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl FullDisk {
+    /// SIGTERM, then its exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -423,8 +448,11 @@ fn failing_writes_keep_the_server_up() {
         drop(a);
         server.stop(deadline);
 
-        let (mut child, port) = start_on_a_full_disk(&tmp.data(), &args, deadline);
-        let full = Server { bin: None, port };
+        let mut disk = start_on_a_full_disk(&tmp.data(), &args, deadline);
+        let full = Server {
+            bin: None,
+            port: disk.port,
+        };
         assert_eq!(full.http_status("/healthz", deadline), 200);
         let mut a = full.connect("alice", "r");
         let mut b = full.connect("bob", "r");
@@ -451,9 +479,7 @@ fn failing_writes_keep_the_server_up() {
         assert!(failed.is_some(), "the disk never filled");
         assert_eq!(full.http_status("/healthz", deadline), 503);
         drop((a, b));
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().expect("wait");
+        let status = disk.stop();
         assert!(status.success(), "clean stop on a full disk: {status}");
 
         let server = Server::start(&tmp.data(), &args, deadline);

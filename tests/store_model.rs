@@ -45,11 +45,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A room of the model: the last id handed out, and the kept messages
+/// `(id, json)`, oldest first.
+type ModelRoom = (u64, Vec<(u64, String)>);
+
 /// What the contract says the store holds.
 #[derive(Default)]
 struct Model {
-    /// Per room: last id handed out, kept messages (id, json) oldest first.
-    rooms: BTreeMap<&'static str, (u64, Vec<(u64, String)>)>,
+    rooms: BTreeMap<&'static str, ModelRoom>,
     written: Vec<&'static str>,
 }
 

@@ -64,9 +64,13 @@ pub const DESCRIPTORS: usize = 7;
 /// while a backlog (a lowered `--retain-messages`) is worked off.
 pub const RETENTION_BATCH: u64 = 1000;
 
-/// Rooms retention looks at per commit besides those written in it, in
-/// turn, so that rooms nobody writes to any more are trimmed too.
+/// Rooms retention looks at every [`SWEEP_EVERY`] commits besides those
+/// written in them, in turn, so that rooms nobody writes to any more are
+/// trimmed too (after `--retain-messages` was lowered).
 const SWEEP_ROOMS: usize = 8;
+
+/// Commits between two looks at [`SWEEP_ROOMS`] rooms.
+const SWEEP_EVERY: u32 = 16;
 
 /// A log this long means the helper's checkpoints could not finish under a
 /// load without pauses (each needs a moment with no commit in between): the
@@ -113,8 +117,7 @@ CREATE TABLE IF NOT EXISTS quarantine(
 
 const SELECT_ROOM: &str = "SELECT rid, last_id FROM rooms WHERE name = ?1";
 const INSERT_ROOM: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, 0)";
-const INSERT_MESSAGE: &str =
-    "INSERT INTO messages(room, id, ts, json) VALUES (?1, ?2, coalesce(?3 ->> '$.ts', 0), ?3)";
+const INSERT_MESSAGE: &str = "INSERT INTO messages(room, id, ts, json) VALUES (?1, ?2, ?3, ?4)";
 const SET_LAST_ID: &str = "UPDATE rooms SET last_id = ?2 WHERE rid = ?1 AND last_id < ?2";
 const SAVE_LAST_ID: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, ?2)
      ON CONFLICT(name) DO UPDATE SET last_id = max(last_id, excluded.last_id)";
@@ -227,7 +230,13 @@ struct Live {
     last_id: u64,
     /// The last id stored: an append must be above it.
     stored: u64,
+    /// No message of the room is older than this (learned by retention).
+    oldest: Option<u64>,
 }
+
+/// A room retention looks at: `(rid, last stored id, oldest id if known,
+/// name when it is live)`.
+type TrimTarget = (i64, u64, Option<u64>, Option<Box<str>>);
 
 /// Just the field a read checks against the row's key.
 #[derive(Deserialize)]
@@ -258,6 +267,8 @@ pub struct SqliteHistory {
     carry: Vec<(Box<str>, u64)>,
     /// Retention's turn through the rooms table (`rid` of the last looked at).
     sweep_after: i64,
+    /// Commits until retention looks at the next rooms in turn.
+    sweep_countdown: u32,
     rooms: u64,
     appends: u64,
     append_errors: u64,
@@ -302,6 +313,24 @@ fn now_ms() -> i64 {
 
 fn micros(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The `ts` of a message event's JSON (0 without one), for the `ts` column.
+/// The dispatcher writes `ts` after `content`, and a `"ts":` inside a
+/// string is escaped (`\"ts\":`), so the last unescaped one is the field;
+/// this scan is what keeps a second JSON parse off every append.
+fn ts_of(json: &str) -> i64 {
+    let bytes = json.as_bytes();
+    let mut end = bytes.len();
+    while let Some(at) = json[..end].rfind("\"ts\":") {
+        if at == 0 || bytes[at - 1] != b'\\' {
+            let digits = &json[at + 5..];
+            let n = digits.bytes().take_while(u8::is_ascii_digit).count();
+            return digits[..n].parse().unwrap_or(0);
+        }
+        end = at;
+    }
+    0
 }
 
 /// An id as SQLite stores it (a signed 64-bit integer).
@@ -515,6 +544,7 @@ impl SqliteHistory {
             released: Vec::new(),
             carry: Vec::new(),
             sweep_after: 0,
+            sweep_countdown: 1,
             rooms,
             appends: 0,
             append_errors: 0,
@@ -557,7 +587,11 @@ impl SqliteHistory {
         if self.in_txn {
             return Ok(());
         }
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+        let begun = self
+            .conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]));
+        if let Err(e) = begun {
             return Err(self.failed(e));
         }
         self.in_txn = true;
@@ -633,6 +667,7 @@ impl SqliteHistory {
                     rid,
                     last_id: last.max(carried),
                     stored: last,
+                    oldest: None,
                 },
             );
         }
@@ -722,26 +757,46 @@ impl SqliteHistory {
         }
     }
 
+    /// Brings `rooms.last_id` of the rooms written in this transaction up to
+    /// their last stored id.
+    fn save_last_ids(&mut self) -> rusqlite::Result<()> {
+        let mut set = self.conn.prepare_cached(SET_LAST_ID)?;
+        for (name, rid) in &self.txn_rooms {
+            if let Some(live) = self.live.get(name) {
+                set.execute(params![rid, i64::try_from(live.stored).unwrap_or(i64::MAX)])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Retention for this commit: first the rooms written in it, then a few
     /// others in turn, deleting at most a budget of rows in all.
     fn trim(&mut self) -> rusqlite::Result<()> {
         let mut budget = RETENTION_BATCH + self.txn_appends;
-        let mut targets: Vec<(i64, u64)> = Vec::new();
+        let mut targets: Vec<TrimTarget> = Vec::new();
         for (name, rid) in &self.txn_rooms {
             if let Some(live) = self.live.get(name) {
-                targets.push((*rid, live.stored));
-            } else {
-                targets.push((*rid, 0));
+                // Known to hold nothing old enough: no query at all (the
+                // common case, every commit of a room under its retention).
+                if live
+                    .oldest
+                    .is_some_and(|o| o.saturating_add(self.retain) > live.stored)
+                {
+                    continue;
+                }
+                targets.push((*rid, live.stored, live.oldest, Some(name.clone())));
             }
         }
-        {
+        self.sweep_countdown = self.sweep_countdown.saturating_sub(1);
+        if self.sweep_countdown == 0 {
+            self.sweep_countdown = SWEEP_EVERY;
             let mut sweep = self.conn.prepare_cached(SWEEP)?;
             let mut rows = sweep.query(params![self.sweep_after, SWEEP_ROOMS as i64])?;
             let mut last = None;
             while let Some(row) = rows.next()? {
                 let rid: i64 = row.get(0)?;
                 let last_id: i64 = row.get(1)?;
-                targets.push((rid, u64::try_from(last_id).unwrap_or(0)));
+                targets.push((rid, u64::try_from(last_id).unwrap_or(0), None, None));
                 last = Some(rid);
             }
             // At the end of the table, start over.
@@ -749,29 +804,40 @@ impl SqliteHistory {
         }
         let mut oldest = self.conn.prepare_cached(OLDEST)?;
         let mut delete = self.conn.prepare_cached(DELETE_RANGE)?;
-        for (rid, last) in targets {
+        for (rid, last, known, name) in targets {
             if budget == 0 {
                 break;
             }
+            let lo = match known {
+                Some(lo) => lo,
+                None => match oldest.query_row([rid], |r| r.get::<_, Option<i64>>(0))? {
+                    Some(lo) => u64::try_from(lo).unwrap_or(0),
+                    None => continue,
+                },
+            };
             let Some(cutoff) = last.checked_sub(self.retain) else {
+                if let Some(live) = name.as_deref().and_then(|n| self.live.get_mut(n)) {
+                    live.oldest = Some(lo);
+                }
                 continue;
             };
-            let Some(lo) = oldest.query_row([rid], |r| r.get::<_, Option<i64>>(0))? else {
-                continue;
-            };
-            let lo = u64::try_from(lo).unwrap_or(0);
-            if lo > cutoff {
-                continue;
+            let mut next_oldest = lo;
+            if lo <= cutoff {
+                // Ids are unique, so this range holds at most `budget` rows.
+                let hi = cutoff.min(lo.saturating_add(budget - 1));
+                let n = delete.execute(params![
+                    rid,
+                    i64::try_from(lo).unwrap_or(i64::MAX),
+                    i64::try_from(hi).unwrap_or(i64::MAX)
+                ])? as u64;
+                self.retention_deleted += n;
+                budget = budget.saturating_sub(n.max(1));
+                next_oldest = hi + 1;
             }
-            // Ids are unique, so this range holds at most `budget` rows.
-            let hi = cutoff.min(lo.saturating_add(budget - 1));
-            let n = delete.execute(params![
-                rid,
-                i64::try_from(lo).unwrap_or(i64::MAX),
-                i64::try_from(hi).unwrap_or(i64::MAX)
-            ])? as u64;
-            self.retention_deleted += n;
-            budget = budget.saturating_sub(n.max(1));
+            // A lower bound of the oldest id: exact unless ids have gaps.
+            if let Some(live) = name.as_deref().and_then(|n| self.live.get_mut(n)) {
+                live.oldest = Some(next_oldest);
+            }
         }
         Ok(())
     }
@@ -834,7 +900,7 @@ fn migrate(conn: &Connection, dir: &Path) -> Result<u64, OpenError> {
                 for r in &room.records {
                     let id = i64::try_from(r.id).map_err(|e| e.to_string())?;
                     insert
-                        .execute(params![rid, id, r.json])
+                        .execute(params![rid, id, ts_of(&r.json), r.json])
                         .map_err(|e| format!("room {name:?}, id {id}: {e}"))?;
                     copied += 1;
                 }
@@ -929,15 +995,14 @@ impl History for SqliteHistory {
             self.failing = true;
             return Err(e);
         }
-        let written: rusqlite::Result<()> = (|| {
-            self.conn
-                .prepare_cached(INSERT_MESSAGE)?
-                .execute(params![rid, id, msg.json.get()])?;
-            self.conn
-                .prepare_cached(SET_LAST_ID)?
-                .execute(params![rid, id])?;
-            Ok(())
-        })();
+        // `rooms.last_id` is brought up once per room at commit, in the same
+        // transaction: one row write per room per iteration, not per message.
+        let written = self
+            .conn
+            .prepare_cached(INSERT_MESSAGE)
+            .and_then(|mut insert| {
+                insert.execute(params![rid, id, ts_of(msg.json.get()), msg.json.get()])
+            });
         if let Err(e) = written {
             self.append_errors += 1;
             if !self.failing {
@@ -993,6 +1058,17 @@ impl History for SqliteHistory {
             return Ok(());
         }
         let start = Instant::now();
+        if let Err(e) = self.save_last_ids() {
+            // Without them the ids of this transaction could be given again.
+            log::warn!("history commit failed: {e}");
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.abandon_txn();
+            self.commit_errors += 1;
+            self.failing = true;
+            return Err(self.failed(e));
+        }
         if let Err(e) = self.trim() {
             log::warn!("retention failed: {e}");
             let e = self.failed(e);
@@ -1002,7 +1078,11 @@ impl History for SqliteHistory {
                 return Err(e);
             }
         }
-        let result = self.conn.execute_batch("COMMIT");
+        let result = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([]))
+            .map(|_| ());
         let us = micros(start);
         self.commit_last_us = us;
         self.commit_max_us = self.commit_max_us.max(us);
