@@ -35,9 +35,13 @@ pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// Ticks between two syncs of the log with `everysec`: 4 × 250 ms = 1 s.
 const SYNC_TICKS: u32 = 4;
 
-/// Pages in the log before the thread checkpoints: SQLite's own default for
-/// automatic checkpoints (about 4 MiB with 4 KiB pages).
-pub(crate) const CHECKPOINT_FRAMES: u64 = 1000;
+/// Pages in the log before the thread checkpoints (about 16 MiB with 4 KiB
+/// pages; SQLite's own automatic checkpoints come at 1,000). Each
+/// checkpoint lets the log start over, and a log that starts over has its
+/// header synced by the next commit, on the loop: the longer the log, the
+/// rarer that sync (and the more there is to replay after a crash, which
+/// costs milliseconds per MiB).
+pub(crate) const CHECKPOINT_FRAMES: u64 = 4000;
 
 /// What the loop and the thread share. The loop writes `frames` and
 /// `commits`; the thread writes the rest.
@@ -46,6 +50,8 @@ pub(crate) struct Shared {
     /// Pages in the write-ahead log after the last commit (from the loop
     /// connection's WAL hook).
     pub frames: AtomicU64,
+    /// Commits that started the log over (from the same hook).
+    pub restarts: AtomicU64,
     /// Commits so far: the thread syncs only when this moved.
     pub commits: AtomicU64,
     pub syncs: AtomicU64,
