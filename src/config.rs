@@ -57,9 +57,13 @@ pub struct Config {
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// File descriptors kept back from `--max-connections` for the listener,
-/// the poll, signals, log files and the 503 answers to connections over the
-/// limit.
+/// the poll, signals, log files, the history store (a fixed handful
+/// whatever the number of rooms, `store::sqlite::DESCRIPTORS`) and the 503
+/// answers to connections over the limit.
 pub const FD_RESERVE: usize = 128;
+
+// The store's share must leave most of the reserve to the rest.
+const _: () = assert!(crate::store::sqlite::DESCRIPTORS <= FD_RESERVE / 8);
 
 impl Default for Config {
     fn default() -> Self {
@@ -162,7 +166,7 @@ Limits
 History
   --history-limit N          messages sent on join and per history page [{hlimit}]
   --history-keep N           messages kept in memory per room [{hkeep}]
-  --data-dir DIR             where room logs are kept [{dir}]
+  --data-dir DIR             where the history database is kept [{dir}]
   --no-persist               keep history in memory only
   --fsync MODE               always | everysec | never [{fsync}]
   --retain-messages N        messages kept on disk per room [{retain}]
