@@ -684,3 +684,56 @@ fn server_stats(server: &Server, deadline: Instant) -> serde_json::Value {
     let body = answer.split("\r\n\r\n").nth(1).expect("body");
     serde_json::from_str(body).expect("stats json")
 }
+
+/// The descriptor case: with an open-file limit of 256, eight users
+/// in 32 rooms each write to every room, and every message is kept (the
+/// JSON-lines store refused 168 of 248 with "Too many open files"). The
+/// store holds a fixed handful of descriptors, whatever the number of rooms.
+#[test]
+fn many_rooms_do_not_use_up_descriptors() {
+    let deadline = Instant::now() + TEST_DEADLINE;
+    let tmp = TempDir::new("fds");
+    let data = tmp.data();
+    let mut args = vec!["--data-dir", data.to_str().expect("utf-8 path")];
+    args.extend(FAST);
+    let bin = Bin::start(&args, Some(256), deadline);
+    let server = Server {
+        port: bin.port,
+        bin: None,
+    };
+    let store_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", bin.pid()))
+            .expect("fds")
+            .filter_map(Result::ok)
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&data)))
+            .count()
+    };
+    let mut users: Vec<Client> = (0..8)
+        .map(|u| server.connect(&format!("u{u}"), &format!("u{u}-r0")))
+        .collect();
+    for (u, c) in users.iter_mut().enumerate() {
+        for r in 1..32 {
+            c.send(json!({"type": "join", "room": format!("u{u}-r{r}")}));
+            c.expect("joined");
+        }
+    }
+    let mut kept = 0;
+    for (u, c) in users.iter_mut().enumerate() {
+        for r in 0..32 {
+            let room = format!("u{u}-r{r}");
+            assert_eq!(say(c, &room, "hello"), 1, "room {room}");
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 256);
+    assert_eq!(server.http_status("/healthz", deadline), 200);
+    let fds = store_fds();
+    assert!(
+        fds <= loopchat::store::sqlite::DESCRIPTORS,
+        "{fds} descriptors in the data dir"
+    );
+    for c in &mut users {
+        assert_eq!(history_ids(c, "u0-r5"), vec![1]);
+    }
+    drop(bin);
+}
