@@ -719,7 +719,11 @@ impl SqliteHistory {
         let mut bad: Vec<(i64, i64)> = Vec::new();
         let result: rusqlite::Result<Vec<Kept>> = (|| {
             let mut stmt = self.conn.prepare_cached(sql)?;
-            let mut rows = stmt.query(params![room, bound, limit as i64])?;
+            let mut rows = stmt.query(params![
+                room,
+                bound,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ])?;
             let mut out = Vec::with_capacity(limit.min(512));
             while let Some(row) = rows.next()? {
                 let rid: i64 = row.get(0)?;
