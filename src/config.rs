@@ -15,7 +15,7 @@ use tungstenite::protocol::WebSocketConfig;
 
 /// How durable a message must be before it is released (`--fsync`); owned
 /// by the store, which is what it configures.
-pub use crate::store::disk::Fsync;
+pub use crate::store::Fsync;
 
 /// The whole configuration. `Config::default()` is the embedded default.
 #[derive(Debug, Clone)]
@@ -60,9 +60,13 @@ pub struct Config {
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// File descriptors kept back from `--max-connections` for the listener,
-/// the poll, signals, log files and the 503 answers to connections over the
-/// limit.
+/// the poll, signals, log files, the history store (a fixed handful
+/// whatever the number of rooms, `store::sqlite::DESCRIPTORS`) and the 503
+/// answers to connections over the limit.
 pub const FD_RESERVE: usize = 128;
+
+// The store's share must leave most of the reserve to the rest.
+const _: () = assert!(crate::store::sqlite::DESCRIPTORS <= FD_RESERVE / 8);
 
 impl Default for Config {
     fn default() -> Self {
@@ -207,7 +211,7 @@ History
   --history-limit N          messages sent on join and per history page [{hlimit}]
   --history-keep N           messages kept in memory per room [{hkeep}]
                              (at least --history-limit; raised to it unless given)
-  --data-dir DIR             where room logs are kept [{dir}]
+  --data-dir DIR             where the history database is kept [{dir}]
   --no-persist               keep history in memory only
   --fsync MODE               always | everysec | never [{fsync}]
   --retain-messages N        messages kept on disk per room [{retain}]

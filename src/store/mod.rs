@@ -1,22 +1,27 @@
 //! Where room messages are kept and where their ids come from.
 //!
 //! The dispatcher talks to history only through the [`History`] trait, so that
-//! the in-memory ring ([`memory::MemoryHistory`]), the on-disk log and, later,
-//! a shared broker can be swapped without touching the loop or the room
-//! tables. The trait is synchronous and called on the loop thread: an
-//! implementation may append to a file (page cache), but must never wait on
-//! the periodic sync; the only syncs on the loop are the group commit in
-//! [`History::commit`] (`--fsync always`) and a few small, bounded ones when
-//! a room's files are first created or an id block is reserved.
+//! the in-memory ring ([`memory::MemoryHistory`]), the SQLite store
+//! ([`sqlite::SqliteHistory`]) and, later, a shared broker can be swapped
+//! without touching the loop or the room tables. The trait is synchronous and
+//! called on the loop thread: it is the local engine, whose answers arrive in
+//! the same iteration. An implementation may write to the page cache and run
+//! indexed queries, but must never wait on the periodic sync; the only syncs
+//! on the loop are the group commit in [`History::commit`] with `--fsync
+//! always` (see `docs/persistence.md` for the rest).
 //!
-//! This module owns the message record ([`Kept`]) and the contract; it does
-//! not own rooms, members or sockets.
+//! This module owns the message record ([`Kept`]), the durability setting
+//! ([`Fsync`]) and the contract; it does not own rooms, members or sockets.
+//! [`legacy`] reads the data dirs of the earlier JSON-lines store, only to
+//! migrate them.
 
-pub mod disk;
+pub mod legacy;
 pub mod memory;
+pub mod sqlite;
 
 use std::fmt;
 use std::rc::Rc;
+use std::str::FromStr;
 
 use serde_json::value::RawValue;
 
@@ -39,6 +44,8 @@ pub enum HistoryError {
     Io(std::io::Error),
     /// A record on disk could not be understood.
     Corrupt(String),
+    /// The database refused or failed an operation.
+    Sqlite(rusqlite::Error),
 }
 
 impl fmt::Display for HistoryError {
@@ -46,6 +53,7 @@ impl fmt::Display for HistoryError {
         match self {
             HistoryError::Io(e) => write!(f, "history i/o failed: {e}"),
             HistoryError::Corrupt(what) => write!(f, "history record corrupt: {what}"),
+            HistoryError::Sqlite(e) => write!(f, "history database failed: {e}"),
         }
     }
 }
@@ -111,17 +119,74 @@ pub trait History {
     }
 }
 
+/// `--fsync`: how durable a committed iteration is before its messages are
+/// delivered. Every mode commits one transaction per loop iteration before
+/// delivery, so a crash of the process never loses an acknowledged message;
+/// the modes differ in what a power cut or an OS crash can cost (see
+/// `docs/persistence.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Fsync {
+    /// SQLite `synchronous=FULL`: the commit syncs the write-ahead log before
+    /// the loop releases the iteration's output: nothing acknowledged is lost.
+    Always,
+    /// `synchronous=NORMAL`, and the helper thread syncs the write-ahead log
+    /// about once a second: a power cut loses at most about the last second.
+    #[default]
+    Everysec,
+    /// `synchronous=OFF`: the OS writes back when it likes.
+    Never,
+}
+
+impl fmt::Display for Fsync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fsync::Always => "always",
+            Fsync::Everysec => "everysec",
+            Fsync::Never => "never",
+        })
+    }
+}
+
+/// A `--fsync` value that is not `always`, `everysec` or `never`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsyncParseError(pub String);
+
+impl fmt::Display for FsyncParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "fsync must be always, everysec or never, not {:?}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for FsyncParseError {}
+
+impl FromStr for Fsync {
+    type Err = FsyncParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "everysec" => Ok(Fsync::Everysec),
+            "never" => Ok(Fsync::Never),
+            other => Err(FsyncParseError(other.to_string())),
+        }
+    }
+}
+
 /// Open the on-disk history the configuration asks for (`--data-dir`,
-/// `--fsync`, `--retain-messages`); `--no-persist` is the caller's
+/// `--fsync`, `--retain-messages`), migrating a data dir of the earlier
+/// JSON-lines store first; `--no-persist` is the caller's
 /// [`memory::MemoryHistory`]. The error is one line for the operator.
 pub fn open(config: &crate::config::Config) -> Result<Box<dyn History>, String> {
-    let opts = disk::DiskOptions {
+    let opts = sqlite::Options {
         dir: config.data_dir.clone(),
         fsync: config.fsync,
         retain: config.retain_messages,
-        keep: config.history_keep,
     };
-    match disk::DiskHistory::open(&opts) {
+    match sqlite::SqliteHistory::open(&opts) {
         Ok(history) => Ok(Box::new(history)),
         Err(e) => Err(e.to_string()),
     }

@@ -1,0 +1,1459 @@
+//! The on-disk history: one SQLite database in the data dir (WAL mode),
+//! behind the [`History`] trait.
+//!
+//! Read `docs/persistence.md` first: it gives the schema, what each `--fsync`
+//! mode guarantees and why, recovery, retention, migration and failures from
+//! the operator's side. This file owns the connection the loop uses, the
+//! schema, the per-iteration transaction and the migration of an old
+//! JSON-lines data dir ([`super::legacy`] reads it). `checkpointer` is the
+//! helper thread that syncs and checkpoints the write-ahead log off the loop.
+//!
+//! Everything here runs on the loop thread and is bounded: an append is two
+//! B-tree writes into the page cache, a read is one indexed range query
+//! (O(log n + page)), retention deletes at most a fixed batch per commit.
+//! The loop waits for the disk only in [`History::commit`] with `--fsync
+//! always` (by design), and when a log that grew past [`WAL_HARD_FRAMES`]
+//! under a load that never let the helper catch up is checkpointed here.
+//!
+//! It does not own rooms' members, sockets, or the decision what to tell a
+//! client when the store fails (the dispatcher answers `history_unavailable`).
+
+mod checkpointer;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::os::raw::{c_char, c_int, c_void};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{legacy, Fsync, History, HistoryError, Kept};
+use checkpointer::{Checkpointer, Shared};
+
+/// The database file in the data dir; SQLite adds `-wal` and `-shm` beside it.
+pub const DB_FILE: &str = "loopchat.db";
+
+/// Held with `flock` while a server has the data dir open: SQLite itself
+/// would let a second server write to the same file.
+const LOCK_FILE: &str = "LOCK";
+
+/// Where a migrated old store's `rooms/` is moved once the migration committed.
+pub const MIGRATED_DIR: &str = "rooms.migrated";
+
+/// The schema this code writes (`meta.schema`). A newer one is refused.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Descriptors the store holds whatever the number of rooms: the lock, the
+/// loop's database and log, the helper's database and log plus its own
+/// log descriptor for syncing, and the shared-memory index. Counted in
+/// `config::FD_RESERVE`.
+pub const DESCRIPTORS: usize = 7;
+
+/// Rows retention may delete per commit, besides one per message appended
+/// in it (so a steady room keeps up): bounds the loop's work per iteration
+/// while a backlog (a lowered `--retain-messages`) is worked off.
+pub const RETENTION_BATCH: u64 = 1000;
+
+/// Rooms retention looks at every [`SWEEP_EVERY`] commits besides those
+/// written in them, in turn, so that rooms nobody writes to any more are
+/// trimmed too (after `--retain-messages` was lowered).
+const SWEEP_ROOMS: usize = 8;
+
+/// Commits between two looks at [`SWEEP_ROOMS`] rooms.
+const SWEEP_EVERY: u32 = 16;
+
+/// A log this long means the helper's checkpoints could not finish under a
+/// load without pauses (each needs a moment with no commit in between): the
+/// loop checkpoints it itself, between two transactions (~64 MiB of log).
+pub const WAL_HARD_FRAMES: u64 = 16_000;
+
+/// After a checkpoint the log file is cut back to this size: without it,
+/// the file stays as large as it ever grew.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// SQLite's page cache for the loop's connection: the hot top of every
+/// B-tree and the newest pages of busy rooms.
+const CACHE_KIB: i64 = 16 * 1024;
+
+/// Room names are 1–32 bytes (the protocol's rule; checked by the
+/// dispatcher, bounded here again because this is what goes to disk).
+const MAX_ROOM_NAME: usize = 32;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta(
+    key TEXT PRIMARY KEY,
+    value ANY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rooms(
+    rid INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages(
+    room INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY(room, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine(
+    room INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    json BLOB,
+    found_ms INTEGER NOT NULL,
+    PRIMARY KEY(room, id)
+) WITHOUT ROWID;
+";
+
+const SELECT_ROOM: &str = "SELECT rid, last_id FROM rooms WHERE name = ?1";
+const INSERT_ROOM: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, 0)";
+const INSERT_MESSAGE: &str = "INSERT INTO messages(room, id, ts, json) VALUES (?1, ?2, ?3, ?4)";
+const SET_LAST_ID: &str = "UPDATE rooms SET last_id = ?2 WHERE rid = ?1 AND last_id < ?2";
+const SAVE_LAST_ID: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, ?2)
+     ON CONFLICT(name) DO UPDATE SET last_id = max(last_id, excluded.last_id)";
+const BEFORE: &str = "SELECT room, id, json FROM messages
+     WHERE room = (SELECT rid FROM rooms WHERE name = ?1) AND id < ?2
+     ORDER BY id DESC LIMIT ?3";
+const AFTER: &str = "SELECT room, id, json FROM messages
+     WHERE room = (SELECT rid FROM rooms WHERE name = ?1) AND id > ?2
+     ORDER BY id LIMIT ?3";
+const OLDEST: &str = "SELECT min(id) FROM messages WHERE room = ?1";
+const DELETE_RANGE: &str = "DELETE FROM messages WHERE room = ?1 AND id >= ?2 AND id <= ?3";
+const SWEEP: &str = "SELECT rid, last_id FROM rooms WHERE rid > ?1 ORDER BY rid LIMIT ?2";
+const QUARANTINE: &str = "INSERT OR REPLACE INTO quarantine(room, id, json, found_ms)
+     SELECT room, id, CAST(json AS BLOB), ?3 FROM messages WHERE room = ?1 AND id = ?2";
+const DELETE_ONE: &str = "DELETE FROM messages WHERE room = ?1 AND id = ?2";
+
+/// How to open the store.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Data directory (created if missing).
+    pub dir: PathBuf,
+    pub fsync: Fsync,
+    /// Messages kept per room (at least 1), counted in ids: a room keeps the
+    /// messages among its newest `retain` ids.
+    pub retain: u64,
+}
+
+impl Options {
+    /// Options with the defaults for everything but the directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Options {
+            dir: dir.into(),
+            fsync: Fsync::default(),
+            retain: 100_000,
+        }
+    }
+}
+
+/// Why the store could not be opened. Each displays as one line naming the
+/// path, for the server to print before exiting with status 1.
+#[derive(Debug)]
+pub enum OpenError {
+    /// An option is out of range.
+    BadOption(&'static str),
+    /// The data dir does not exist and could not be created.
+    Create { dir: PathBuf, source: io::Error },
+    /// The data dir exists but files cannot be created or written in it.
+    NotWritable { dir: PathBuf, source: io::Error },
+    /// Another process has the data dir open.
+    Locked { dir: PathBuf },
+    /// SQLite could not open or set up the database.
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The database file is damaged (`PRAGMA quick_check` or SQLite said so).
+    Corrupt { path: PathBuf, detail: String },
+    /// The database was written by a newer loopchat.
+    NewerSchema { path: PathBuf, version: i64 },
+    /// An old JSON-lines data dir could not be migrated (nothing was changed).
+    Migrate { dir: PathBuf, detail: String },
+    /// The helper thread could not be started.
+    Thread(io::Error),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::BadOption(what) => f.write_str(what),
+            OpenError::Create { dir, source } => {
+                write!(f, "cannot create data dir {}: {source}", dir.display())
+            }
+            OpenError::NotWritable { dir, source } => {
+                write!(f, "data dir {} is not writable: {source}", dir.display())
+            }
+            OpenError::Locked { dir } => write!(
+                f,
+                "data dir {} is in use by another loopchat process ({LOCK_FILE} is locked)",
+                dir.display()
+            ),
+            OpenError::Database { path, source } => {
+                write!(f, "cannot open database {}: {source}", path.display())
+            }
+            OpenError::Corrupt { path, detail } => write!(
+                f,
+                "database {} is corrupt ({detail}); restore a backup or move it aside",
+                path.display()
+            ),
+            OpenError::NewerSchema { path, version } => write!(
+                f,
+                "database {} has schema {version}, newer than this loopchat's {SCHEMA_VERSION}",
+                path.display()
+            ),
+            OpenError::Migrate { dir, detail } => write!(
+                f,
+                "cannot migrate the old store in {}: {detail} (nothing was changed)",
+                dir.display()
+            ),
+            OpenError::Thread(e) => write!(f, "cannot start the store's helper thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// A room written to in this process and not released since.
+struct Live {
+    rid: i64,
+    /// The last id handed out (maybe not yet stored).
+    last_id: u64,
+    /// The last id stored: an append must be above it.
+    stored: u64,
+    /// No message of the room is older than this (learned by retention).
+    oldest: Option<u64>,
+}
+
+/// A room retention looks at: `(rid, last stored id, oldest id if known,
+/// name when it is live)`.
+type TrimTarget = (i64, u64, Option<u64>, Option<Box<str>>);
+
+/// Just the field a read checks against the row's key.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: u64,
+}
+
+/// The on-disk [`History`]: see the module doc and `docs/persistence.md`.
+pub struct SqliteHistory {
+    /// Declared first: dropped (closed) before `shared`, which its WAL hook
+    /// points to.
+    conn: Connection,
+    checkpointer: Option<Checkpointer>,
+    shared: Arc<Shared>,
+    db_path: PathBuf,
+    retain: u64,
+    live: HashMap<Box<str>, Live>,
+    /// A transaction is open (begun by the first write of the iteration).
+    in_txn: bool,
+    /// Rooms written in the open transaction: `(name, rid)`.
+    txn_rooms: Vec<(Box<str>, i64)>,
+    /// Messages appended in the open transaction.
+    txn_appends: u64,
+    /// Rooms released while written in the open transaction.
+    released: Vec<Box<str>>,
+    /// Last ids of a transaction that failed: written again by the next
+    /// one, so that no id handed out is handed out again.
+    carry: Vec<(Box<str>, u64)>,
+    /// Retention's turn through the rooms table (`rid` of the last looked at).
+    sweep_after: i64,
+    /// Commits until retention looks at the next rooms in turn.
+    sweep_countdown: u32,
+    rooms: u64,
+    appends: u64,
+    append_errors: u64,
+    commits: u64,
+    commit_errors: u64,
+    commit_last_us: u64,
+    commit_max_us: u64,
+    loop_checkpoints: u64,
+    /// Log length at the loop's last checkpoint.
+    loop_checkpoint_at: u64,
+    corrupt_rows: u64,
+    retention_deleted: u64,
+    migrated: u64,
+    /// The last write or commit failed.
+    failing: bool,
+    /// SQLite reported the file damaged at run time: unhealthy until restart.
+    broken: bool,
+    /// Holds the `flock` on `LOCK` for as long as the store is open.
+    _lock: File,
+}
+
+/// Records the log's length after every commit of the loop's connection;
+/// installing it also turns SQLite's automatic checkpoints off.
+unsafe extern "C" fn wal_hook(
+    ctx: *mut c_void,
+    _db: *mut rusqlite::ffi::sqlite3,
+    _name: *const c_char,
+    frames: c_int,
+) -> c_int {
+    // SAFETY: `ctx` is the `Shared` of the store owning this connection,
+    // which outlives it (see `SqliteHistory::conn`).
+    let shared = unsafe { &*(ctx as *const Shared) };
+    let frames = u64::try_from(frames).unwrap_or(0);
+    // Shorter than after the last commit: this commit started the log over,
+    // which (unless `never`) synced its header on the loop.
+    if frames < shared.frames.swap(frames, Ordering::SeqCst) {
+        shared.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+    rusqlite::ffi::SQLITE_OK
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The `ts` of a message event's JSON (0 without one), for the `ts` column.
+/// The dispatcher writes `ts` after `content`, and a `"ts":` inside a
+/// string is escaped (`\"ts\":`), so the last unescaped one is the field;
+/// this scan is what keeps a second JSON parse off every append.
+fn ts_of(json: &str) -> i64 {
+    let bytes = json.as_bytes();
+    let mut end = bytes.len();
+    while let Some(at) = json[..end].rfind("\"ts\":") {
+        if at == 0 || bytes[at - 1] != b'\\' {
+            let digits = &json[at + 5..];
+            let n = digits.bytes().take_while(u8::is_ascii_digit).count();
+            return digits[..n].parse().unwrap_or(0);
+        }
+        end = at;
+    }
+    0
+}
+
+/// An id as SQLite stores it (a signed 64-bit integer).
+fn sql_id(id: u64) -> Result<i64, HistoryError> {
+    i64::try_from(id).map_err(|_| HistoryError::Corrupt(format!("id {id} out of range")))
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
+/// Creates `dir` and its missing parents, and syncs the parent of each one
+/// created, so that a power cut soon after cannot lose the new entries.
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.as_os_str().is_empty() || fs::symlink_metadata(d).is_ok() {
+            break;
+        }
+        missing.push(d);
+        at = d.parent();
+    }
+    fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Takes the data dir's lock, or says who has it.
+fn lock_dir(dir: &Path) -> Result<File, OpenError> {
+    let not_writable = |source| OpenError::NotWritable {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let lock = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))
+        .map_err(not_writable)?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            OpenError::Locked {
+                dir: dir.to_path_buf(),
+            }
+        } else {
+            not_writable(e)
+        });
+    }
+    // The pid tells an operator who holds it; writing it also proves the
+    // directory's files are writable.
+    lock.set_len(0)
+        .and_then(|()| lock.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
+        .and_then(|()| lock.sync_data())
+        .map_err(not_writable)?;
+    Ok(lock)
+}
+
+/// The `synchronous` setting of a mode (see `docs/persistence.md`).
+fn synchronous(fsync: Fsync) -> &'static str {
+    match fsync {
+        Fsync::Always => "FULL",
+        Fsync::Everysec => "NORMAL",
+        Fsync::Never => "OFF",
+    }
+}
+
+/// Opens a connection to `path` with the settings both of ours share.
+fn connect(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(format!("journal mode is {mode}, not wal")),
+        ));
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {};
+         PRAGMA temp_store = MEMORY;
+         PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};",
+        synchronous(fsync)
+    ))?;
+    Ok(conn)
+}
+
+impl SqliteHistory {
+    /// Opens (creating if needed) the data dir and its database, takes the
+    /// dir's lock, checks the file, and migrates an old JSON-lines store
+    /// found there. Blocks: call it before the loop starts.
+    pub fn open(opts: &Options) -> Result<SqliteHistory, OpenError> {
+        if opts.retain == 0 {
+            return Err(OpenError::BadOption("--retain-messages must be at least 1"));
+        }
+        let dir = opts.dir.clone();
+        create_dir_durable(&dir).map_err(|source| OpenError::Create {
+            dir: dir.clone(),
+            source,
+        })?;
+        let lock = lock_dir(&dir)?;
+        let db_path = dir.join(DB_FILE);
+        let db_err = |source: rusqlite::Error| {
+            if is_corruption(&source) {
+                OpenError::Corrupt {
+                    path: db_path.clone(),
+                    detail: source.to_string(),
+                }
+            } else {
+                OpenError::Database {
+                    path: db_path.clone(),
+                    source,
+                }
+            }
+        };
+        let conn = connect(&db_path, opts.fsync).map_err(db_err)?;
+        conn.execute_batch(&format!("PRAGMA cache_size = -{CACHE_KIB};"))
+            .map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // `meta.open` is set while a server has the file open and removed
+        // by a clean stop. Left set, the last run ended in a crash (or a
+        // power cut): check the pages' structure (not every row's content)
+        // before serving. It reads the whole file (about 0.5 s per 250 MB
+        // from the page cache), so a clean restart skips it.
+        let unclean: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'open'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err)?;
+        if unclean.is_some() {
+            let check: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(db_err)?;
+            if check != "ok" {
+                // Its report spans lines; the operator gets one.
+                let mut detail = check.split_whitespace().collect::<Vec<_>>().join(" ");
+                if let Some((cut, _)) = detail.char_indices().nth(200) {
+                    detail.truncate(cut);
+                }
+                return Err(OpenError::Corrupt {
+                    path: db_path,
+                    detail,
+                });
+            }
+            log::info!(
+                "{}: not closed cleanly last time; quick_check ok",
+                db_path.display()
+            );
+        }
+        let version: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err)?;
+        match version {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(OpenError::NewerSchema {
+                    path: db_path,
+                    version: v,
+                })
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema', ?1)",
+                    [SCHEMA_VERSION],
+                )
+                .map_err(db_err)?;
+            }
+        }
+        let migrated = migrate(&conn, &dir, opts.fsync)?;
+        conn.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('open', ?1)",
+            [now_ms()],
+        )
+        .map_err(db_err)?;
+        let rooms: i64 = conn
+            .query_row("SELECT count(*) FROM rooms", [], |r| r.get(0))
+            .map_err(db_err)?;
+        let rooms = u64::try_from(rooms).unwrap_or(0);
+
+        let shared = Arc::new(Shared::default());
+        // SAFETY: the hook's context is `shared`, kept alive by the store
+        // for longer than `conn` (field order), and only read as `Shared`.
+        unsafe {
+            rusqlite::ffi::sqlite3_wal_hook(
+                conn.handle(),
+                Some(wal_hook),
+                Arc::as_ptr(&shared) as *mut c_void,
+            );
+        }
+        let helper = connect(&db_path, opts.fsync).map_err(db_err)?;
+        let wal = dir.join(format!("{DB_FILE}-wal"));
+        let checkpointer = Checkpointer::spawn(helper, wal, opts.fsync, Arc::clone(&shared))
+            .map_err(OpenError::Thread)?;
+        log::info!(
+            "history: {} in {} ({rooms} rooms; fsync {}, retain {} per room)",
+            DB_FILE,
+            dir.display(),
+            opts.fsync,
+            opts.retain
+        );
+        Ok(SqliteHistory {
+            conn,
+            checkpointer: Some(checkpointer),
+            shared,
+            db_path,
+            retain: opts.retain,
+            live: HashMap::new(),
+            in_txn: false,
+            txn_rooms: Vec::new(),
+            txn_appends: 0,
+            released: Vec::new(),
+            carry: Vec::new(),
+            sweep_after: 0,
+            sweep_countdown: 1,
+            rooms,
+            appends: 0,
+            append_errors: 0,
+            commits: 0,
+            commit_errors: 0,
+            commit_last_us: 0,
+            commit_max_us: 0,
+            loop_checkpoints: 0,
+            loop_checkpoint_at: 0,
+            corrupt_rows: 0,
+            retention_deleted: 0,
+            migrated,
+            failing: false,
+            broken: false,
+            _lock: lock,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// Notes a failed SQLite call: corruption makes the store unhealthy for
+    /// good; a transaction SQLite rolled back on its own (disk full, I/O
+    /// error) is handled as a failed commit.
+    fn failed(&mut self, e: rusqlite::Error) -> HistoryError {
+        if is_corruption(&e) && !self.broken {
+            log::error!("database {} is corrupt: {e}", self.db_path.display());
+            self.broken = true;
+        }
+        if self.in_txn && self.conn.is_autocommit() {
+            self.abandon_txn();
+        }
+        HistoryError::Sqlite(e)
+    }
+
+    /// Opens the iteration's transaction if it is not open yet. A failed
+    /// transaction's last ids are written first.
+    fn begin(&mut self) -> Result<(), HistoryError> {
+        if self.in_txn {
+            return Ok(());
+        }
+        let begun = self
+            .conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]));
+        if let Err(e) = begun {
+            return Err(self.failed(e));
+        }
+        self.in_txn = true;
+        let carried: rusqlite::Result<()> = (|| {
+            let mut save = self.conn.prepare_cached(SAVE_LAST_ID)?;
+            for (name, last) in &self.carry {
+                save.execute(params![&**name, i64::try_from(*last).unwrap_or(i64::MAX)])?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = carried {
+            return Err(self.failed(e));
+        }
+        Ok(())
+    }
+
+    /// The transaction is gone without committing (rolled back by us or by
+    /// SQLite): remember the last ids of its rooms for the next one, and
+    /// forget their cached state, which may name rows that never were.
+    fn abandon_txn(&mut self) {
+        for (name, _) in std::mem::take(&mut self.txn_rooms) {
+            if let Some(live) = self.live.remove(&name) {
+                match self.carry.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, last)) => *last = (*last).max(live.last_id),
+                    None => self.carry.push((name, live.last_id)),
+                }
+            }
+        }
+        // Rooms only reserved from (no row written) hold ids too.
+        for (name, live) in self.live.drain() {
+            if live.last_id > live.stored {
+                self.carry.push((name, live.last_id));
+            }
+        }
+        self.released.clear();
+        self.in_txn = false;
+        self.txn_appends = 0;
+    }
+
+    /// The live state of `room`, loaded (or the room created) if needed.
+    fn live(&mut self, room: &str) -> Result<&mut Live, HistoryError> {
+        if !self.live.contains_key(room) {
+            self.begin()?;
+            let carried = self
+                .carry
+                .iter()
+                .find(|(n, _)| &**n == room)
+                .map_or(0, |(_, l)| *l);
+            let found: rusqlite::Result<(i64, u64, bool)> = (|| {
+                let row = self
+                    .conn
+                    .prepare_cached(SELECT_ROOM)?
+                    .query_row([room], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                    .optional()?;
+                Ok(match row {
+                    Some((rid, last)) => (rid, u64::try_from(last).unwrap_or(0), false),
+                    None => {
+                        self.conn.prepare_cached(INSERT_ROOM)?.execute([room])?;
+                        (self.conn.last_insert_rowid(), 0, true)
+                    }
+                })
+            })();
+            let (rid, last, created) = match found {
+                Ok(f) => f,
+                Err(e) => return Err(self.failed(e)),
+            };
+            if created {
+                self.rooms += 1;
+            }
+            self.live.insert(
+                room.into(),
+                Live {
+                    rid,
+                    last_id: last.max(carried),
+                    stored: last,
+                    oldest: None,
+                },
+            );
+        }
+        self.live
+            .get_mut(room)
+            .ok_or_else(|| HistoryError::Corrupt("room state vanished".into()))
+    }
+
+    /// Rows of one page query, oldest first when `newest_first` is false.
+    /// Rows whose JSON does not parse, or names another id than the row's
+    /// key, are moved to `quarantine` (reported once, never served).
+    fn page(
+        &mut self,
+        sql: &str,
+        room: &str,
+        bound: i64,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<Kept>, HistoryError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut bad: Vec<(i64, i64)> = Vec::new();
+        let result: rusqlite::Result<Vec<Kept>> = (|| {
+            let mut stmt = self.conn.prepare_cached(sql)?;
+            let mut rows = stmt.query(params![
+                room,
+                bound,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ])?;
+            let mut out = Vec::with_capacity(limit.min(512));
+            while let Some(row) = rows.next()? {
+                let rid: i64 = row.get(0)?;
+                let id: i64 = row.get(1)?;
+                let json = row.get_ref(2)?.as_str().ok();
+                let kept = json.and_then(|text| {
+                    let raw: Box<RawValue> = serde_json::from_str(text).ok()?;
+                    let IdOnly { id: named } = serde_json::from_str(raw.get()).ok()?;
+                    let id = u64::try_from(id).ok().filter(|&id| id == named)?;
+                    Some(Kept {
+                        id,
+                        json: Rc::from(raw),
+                    })
+                });
+                match kept {
+                    Some(k) => out.push(k),
+                    None => bad.push((rid, id)),
+                }
+            }
+            Ok(out)
+        })();
+        let mut out = match result {
+            Ok(out) => out,
+            Err(e) => return Err(self.failed(e)),
+        };
+        if !bad.is_empty() {
+            self.quarantine(room, &bad);
+        }
+        if newest_first {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Moves unreadable rows out of `messages`, in the iteration's
+    /// transaction. Best effort: if that fails they are skipped again (and
+    /// reported again) by the next read.
+    fn quarantine(&mut self, room: &str, bad: &[(i64, i64)]) {
+        for &(_, id) in bad {
+            log::warn!(
+                "room {room:?}: message {id} in {} is unreadable; moved to table quarantine",
+                self.db_path.display()
+            );
+        }
+        self.corrupt_rows += bad.len() as u64;
+        if self.begin().is_err() {
+            return;
+        }
+        let moved: rusqlite::Result<()> = (|| {
+            let mut copy = self.conn.prepare_cached(QUARANTINE)?;
+            let mut delete = self.conn.prepare_cached(DELETE_ONE)?;
+            for &(rid, id) in bad {
+                copy.execute(params![rid, id, now_ms()])?;
+                delete.execute(params![rid, id])?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = moved {
+            log::warn!("cannot quarantine unreadable rows: {e}");
+            let _ = self.failed(e);
+        }
+    }
+
+    /// Brings `rooms.last_id` of the rooms written in this transaction up to
+    /// their last stored id.
+    fn save_last_ids(&mut self) -> rusqlite::Result<()> {
+        let mut set = self.conn.prepare_cached(SET_LAST_ID)?;
+        for (name, rid) in &self.txn_rooms {
+            if let Some(live) = self.live.get(name) {
+                set.execute(params![rid, i64::try_from(live.stored).unwrap_or(i64::MAX)])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Retention for this commit: first the rooms written in it, then a few
+    /// others in turn, deleting at most a budget of rows in all.
+    fn trim(&mut self) -> rusqlite::Result<()> {
+        let mut budget = RETENTION_BATCH + self.txn_appends;
+        let mut targets: Vec<TrimTarget> = Vec::new();
+        for (name, rid) in &self.txn_rooms {
+            if let Some(live) = self.live.get(name) {
+                // Known to hold nothing old enough: no query at all (the
+                // common case, every commit of a room under its retention).
+                if live
+                    .oldest
+                    .is_some_and(|o| o.saturating_add(self.retain) > live.stored)
+                {
+                    continue;
+                }
+                targets.push((*rid, live.stored, live.oldest, Some(name.clone())));
+            }
+        }
+        self.sweep_countdown = self.sweep_countdown.saturating_sub(1);
+        if self.sweep_countdown == 0 {
+            self.sweep_countdown = SWEEP_EVERY;
+            let mut sweep = self.conn.prepare_cached(SWEEP)?;
+            let mut rows = sweep.query(params![self.sweep_after, SWEEP_ROOMS as i64])?;
+            let mut last = None;
+            while let Some(row) = rows.next()? {
+                let rid: i64 = row.get(0)?;
+                let last_id: i64 = row.get(1)?;
+                targets.push((rid, u64::try_from(last_id).unwrap_or(0), None, None));
+                last = Some(rid);
+            }
+            // At the end of the table, start over.
+            self.sweep_after = last.unwrap_or(0);
+        }
+        let mut oldest = self.conn.prepare_cached(OLDEST)?;
+        let mut delete = self.conn.prepare_cached(DELETE_RANGE)?;
+        for (rid, last, known, name) in targets {
+            if budget == 0 {
+                break;
+            }
+            let lo = match known {
+                Some(lo) => lo,
+                None => match oldest.query_row([rid], |r| r.get::<_, Option<i64>>(0))? {
+                    Some(lo) => u64::try_from(lo).unwrap_or(0),
+                    None => continue,
+                },
+            };
+            let Some(cutoff) = last.checked_sub(self.retain) else {
+                if let Some(live) = name.as_deref().and_then(|n| self.live.get_mut(n)) {
+                    live.oldest = Some(lo);
+                }
+                continue;
+            };
+            let mut next_oldest = lo;
+            if lo <= cutoff {
+                // Ids are unique, so this range holds at most `budget` rows.
+                let hi = cutoff.min(lo.saturating_add(budget - 1));
+                let n = delete.execute(params![
+                    rid,
+                    i64::try_from(lo).unwrap_or(i64::MAX),
+                    i64::try_from(hi).unwrap_or(i64::MAX)
+                ])? as u64;
+                self.retention_deleted += n;
+                budget = budget.saturating_sub(n.max(1));
+                next_oldest = hi + 1;
+            }
+            // A lower bound of the oldest id: exact unless ids have gaps.
+            if let Some(live) = name.as_deref().and_then(|n| self.live.get_mut(n)) {
+                live.oldest = Some(next_oldest);
+            }
+        }
+        Ok(())
+    }
+
+    /// The loop's own checkpoint of a log the helper could not keep short.
+    fn checkpoint_if_huge(&mut self) {
+        let frames = self.shared.frames.load(Ordering::SeqCst);
+        // Not again while a reader (an operator's `sqlite3`) keeps the log
+        // from starting over: only once it grew by another hard limit.
+        if frames < WAL_HARD_FRAMES || frames < self.loop_checkpoint_at + WAL_HARD_FRAMES / 2 {
+            if frames < self.loop_checkpoint_at {
+                self.loop_checkpoint_at = 0;
+            }
+            return;
+        }
+        self.loop_checkpoint_at = frames;
+        self.loop_checkpoints += 1;
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
+        {
+            log::warn!("checkpoint on the loop failed: {e}");
+        }
+        // Whatever it did, the helper looks again at the next commit.
+    }
+}
+
+/// Copies an old JSON-lines store under `dir` into the database in one
+/// transaction, then moves its `rooms/` aside. Returns the messages copied.
+/// A crash before the commit leaves the old store as it was (the next start
+/// migrates again); one after it leaves `meta.migrated` set, and the next
+/// start only moves the old files aside.
+fn migrate(conn: &Connection, dir: &Path, fsync: Fsync) -> Result<u64, OpenError> {
+    if !legacy::present(dir) {
+        return Ok(0);
+    }
+    let fail = |detail: String| OpenError::Migrate {
+        dir: dir.to_path_buf(),
+        detail,
+    };
+    let done: Option<i64> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'migrated'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut copied = 0;
+    if done.is_none() {
+        let start = Instant::now();
+        let rooms = legacy::room_dirs(dir).map_err(|e| fail(e.to_string()))?;
+        // Durable before the old files move, whatever `--fsync` says: the
+        // commit syncs the log, the checkpoint below the database.
+        conn.execute_batch("PRAGMA synchronous = FULL")
+            .map_err(|e| fail(e.to_string()))?;
+        let copy = || -> Result<u64, String> {
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(|e| e.to_string())?;
+            let mut copied = 0u64;
+            let mut insert = conn.prepare(INSERT_MESSAGE).map_err(|e| e.to_string())?;
+            for (name, path) in &rooms {
+                let room = legacy::read_room(name, path).map_err(|e| e.to_string())?;
+                let last = i64::try_from(room.last_id).map_err(|e| e.to_string())?;
+                conn.execute(SAVE_LAST_ID, params![name, last])
+                    .map_err(|e| e.to_string())?;
+                let rid: i64 = conn
+                    .query_row("SELECT rid FROM rooms WHERE name = ?1", [name], |r| {
+                        r.get(0)
+                    })
+                    .map_err(|e| e.to_string())?;
+                for r in &room.records {
+                    let id = i64::try_from(r.id).map_err(|e| e.to_string())?;
+                    insert
+                        .execute(params![rid, id, ts_of(&r.json), r.json])
+                        .map_err(|e| format!("room {name:?}, id {id}: {e}"))?;
+                    copied += 1;
+                }
+            }
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('migrated', ?1)",
+                [now_ms()],
+            )
+            .map_err(|e| e.to_string())?;
+            conn.execute_batch("COMMIT").map_err(|e| e.to_string())?;
+            Ok(copied)
+        };
+        copied = match copy() {
+            Ok(n) => n,
+            Err(detail) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(fail(detail));
+            }
+        };
+        conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| fail(e.to_string()))?;
+        conn.execute_batch(&format!("PRAGMA synchronous = {}", synchronous(fsync)))
+            .map_err(|e| fail(e.to_string()))?;
+        log::info!(
+            "migrated {copied} messages in {} rooms from {} in {:.1} s",
+            rooms.len(),
+            dir.join(legacy::ROOMS_DIR).display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let mut aside = dir.join(MIGRATED_DIR);
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = dir.join(format!("{MIGRATED_DIR}.{n}"));
+    }
+    fs::rename(dir.join(legacy::ROOMS_DIR), &aside)
+        .and_then(|()| File::open(dir)?.sync_all())
+        .map_err(|e| fail(format!("migrated, but cannot move rooms/ aside: {e}")))?;
+    log::info!("the old store's files are kept in {}", aside.display());
+    Ok(copied)
+}
+
+/// Room names the store accepts (the dispatcher checks the protocol's rule).
+fn check_room_name(room: &str) -> Result<(), HistoryError> {
+    if room.is_empty() || room.len() > MAX_ROOM_NAME {
+        return Err(HistoryError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("room name of {} bytes", room.len()),
+        )));
+    }
+    Ok(())
+}
+
+impl History for SqliteHistory {
+    fn reserve_id(&mut self, room: &str) -> Result<u64, HistoryError> {
+        check_room_name(room)?;
+        let live = match self.live(room) {
+            Ok(live) => live,
+            Err(e) => {
+                self.append_errors += 1;
+                self.failing = true;
+                return Err(e);
+            }
+        };
+        if live.last_id >= i64::MAX as u64 {
+            return Err(HistoryError::Corrupt("room ran out of ids".into()));
+        }
+        live.last_id += 1;
+        Ok(live.last_id)
+    }
+
+    fn append(&mut self, room: &str, msg: Kept) -> Result<(), HistoryError> {
+        let Some(live) = self.live.get(room) else {
+            return Err(HistoryError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "append before reserve_id",
+            )));
+        };
+        if msg.id <= live.stored || msg.id > live.last_id {
+            return Err(HistoryError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "id {} was not reserved or is not above the last kept",
+                    msg.id
+                ),
+            )));
+        }
+        let rid = live.rid;
+        let id = sql_id(msg.id)?;
+        if let Err(e) = self.begin() {
+            self.append_errors += 1;
+            self.failing = true;
+            return Err(e);
+        }
+        // `rooms.last_id` is brought up once per room at commit, in the same
+        // transaction: one row write per room per iteration, not per message.
+        let written = self
+            .conn
+            .prepare_cached(INSERT_MESSAGE)
+            .and_then(|mut insert| {
+                insert.execute(params![rid, id, ts_of(msg.json.get()), msg.json.get()])
+            });
+        if let Err(e) = written {
+            self.append_errors += 1;
+            if !self.failing {
+                log::warn!("history append to room {room:?} failed: {e}");
+            }
+            self.failing = true;
+            return Err(self.failed(e));
+        }
+        if let Some(live) = self.live.get_mut(room) {
+            live.stored = msg.id;
+        }
+        if !self.txn_rooms.iter().any(|(_, r)| *r == rid) {
+            self.txn_rooms.push((room.into(), rid));
+        }
+        self.txn_appends += 1;
+        self.appends += 1;
+        Ok(())
+    }
+
+    fn last(&mut self, room: &str, n: usize) -> Result<Vec<Kept>, HistoryError> {
+        self.before(room, None, n)
+    }
+
+    fn after(&mut self, room: &str, since: u64, max: usize) -> Result<Vec<Kept>, HistoryError> {
+        let Ok(since) = i64::try_from(since) else {
+            return Ok(Vec::new());
+        };
+        self.page(AFTER, room, since, max, false)
+    }
+
+    fn before(
+        &mut self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Kept>, HistoryError> {
+        let bound = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        self.page(BEFORE, room, bound, limit, true)
+    }
+
+    fn release(&mut self, room: &str) {
+        // Written in the open transaction: its state is still needed if the
+        // commit fails (`abandon_txn`); the commit drops it.
+        if !self.txn_rooms.iter().any(|(n, _)| &**n == room) {
+            self.live.remove(room);
+        } else if !self.released.iter().any(|n| &**n == room) {
+            self.released.push(room.into());
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), HistoryError> {
+        if !self.in_txn {
+            return Ok(());
+        }
+        let start = Instant::now();
+        if let Err(e) = self.save_last_ids() {
+            // Without them the ids of this transaction could be given again.
+            log::warn!("history commit failed: {e}");
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.abandon_txn();
+            self.commit_errors += 1;
+            self.failing = true;
+            return Err(self.failed(e));
+        }
+        if let Err(e) = self.trim() {
+            log::warn!("retention failed: {e}");
+            let e = self.failed(e);
+            if !self.in_txn {
+                self.commit_errors += 1;
+                self.failing = true;
+                return Err(e);
+            }
+        }
+        let result = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([]))
+            .map(|_| ());
+        let us = micros(start);
+        self.commit_last_us = us;
+        self.commit_max_us = self.commit_max_us.max(us);
+        match result {
+            Ok(()) => {
+                self.in_txn = false;
+                self.commits += 1;
+                self.shared.commits.fetch_add(1, Ordering::SeqCst);
+                self.carry.clear();
+                self.txn_appends = 0;
+                self.txn_rooms.clear();
+                for name in std::mem::take(&mut self.released) {
+                    self.live.remove(&name);
+                }
+                self.failing = false;
+                self.checkpoint_if_huge();
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("history commit failed: {e}");
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                self.abandon_txn();
+                self.commit_errors += 1;
+                self.failing = true;
+                Err(self.failed(e))
+            }
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        !self.failing && !self.broken && !self.shared.failing.load(Ordering::SeqCst)
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.shared;
+        let wal_bytes = s.frames.load(Ordering::Relaxed) * 4096;
+        vec![
+            ("store_rooms", self.rooms),
+            ("store_appends", self.appends),
+            ("store_append_errors", self.append_errors),
+            ("store_commits", self.commits),
+            ("store_commit_errors", self.commit_errors),
+            ("store_commit_last_us", self.commit_last_us),
+            ("store_commit_max_us", self.commit_max_us),
+            ("store_syncs", s.syncs.load(Ordering::Relaxed)),
+            ("store_sync_errors", s.sync_errors.load(Ordering::Relaxed)),
+            ("store_sync_last_us", s.sync_last_us.load(Ordering::Relaxed)),
+            ("store_sync_max_us", s.sync_max_us.load(Ordering::Relaxed)),
+            ("store_checkpoints", s.checkpoints.load(Ordering::Relaxed)),
+            (
+                "store_checkpoint_errors",
+                s.checkpoint_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "store_checkpoint_max_us",
+                s.checkpoint_max_us.load(Ordering::Relaxed),
+            ),
+            ("store_loop_checkpoints", self.loop_checkpoints),
+            ("store_wal_bytes", wal_bytes),
+            ("store_wal_restarts", s.restarts.load(Ordering::Relaxed)),
+            ("store_corrupt_rows", self.corrupt_rows),
+            ("store_retention_deleted", self.retention_deleted),
+            ("store_migrated_messages", self.migrated),
+        ]
+    }
+}
+
+impl Drop for SqliteHistory {
+    /// Clean shutdown: commit what is open, mark the file closed (unless the
+    /// store is failing: the next start then checks it), stop the helper
+    /// (its last sync), then close the loop's connection, which as the last
+    /// one checkpoints the log into the database and removes it.
+    fn drop(&mut self) {
+        if self.in_txn {
+            if let Err(e) = self.commit() {
+                log::warn!("final commit failed: {e}");
+            }
+        }
+        // Only after everything else is committed: the next start trusts it.
+        if self.healthy() {
+            if let Err(e) = self.conn.execute("DELETE FROM meta WHERE key = 'open'", []) {
+                log::warn!("cannot mark the database closed: {e}");
+            }
+        }
+        self.checkpointer = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let n = N.fetch_add(1, Ordering::SeqCst);
+            let path = std::env::temp_dir()
+                .join(format!("loopchat-sqlite-{tag}-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn kept(room: &str, id: u64) -> Kept {
+        let text = format!(
+            r#"{{"type":"message","content":"m{id}","room":"{room}","user":"u","id":{id},"ts":{id}}}"#
+        );
+        Kept {
+            id,
+            json: Rc::from(RawValue::from_string(text).expect("json")),
+        }
+    }
+
+    fn send(h: &mut SqliteHistory, room: &str, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                let id = h.reserve_id(room).expect("id");
+                h.append(room, kept(room, id)).expect("append");
+                id
+            })
+            .collect()
+    }
+
+    fn ids(v: &[Kept]) -> Vec<u64> {
+        v.iter().map(|k| k.id).collect()
+    }
+
+    fn counter(h: &SqliteHistory, name: &str) -> u64 {
+        h.counters()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| v)
+    }
+
+    fn opts(dir: &Path, retain: u64) -> Options {
+        Options {
+            dir: dir.to_path_buf(),
+            fsync: Fsync::Never,
+            retain,
+        }
+    }
+
+    /// Every read is a search of the primary key, never a scan of a table.
+    #[test]
+    fn reads_are_range_searches_of_the_primary_key() {
+        let tmp = TempDir::new("plan");
+        let h = SqliteHistory::open(&opts(&tmp.0, 10)).expect("open");
+        for sql in [BEFORE, AFTER, OLDEST, DELETE_RANGE, SELECT_ROOM] {
+            let mut stmt = h
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("plan");
+            let args = vec![1i64; stmt.parameter_count()];
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .expect("rows")
+                .collect::<Result<_, _>>()
+                .expect("plan rows");
+            assert!(
+                plan.iter().all(|step| !step.starts_with("SCAN")),
+                "{sql}: {plan:?}"
+            );
+            assert!(
+                plan.iter().any(|step| step.starts_with("SEARCH")),
+                "{plan:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_continue_after_reopen_and_a_failed_commit_reuses_none() {
+        let tmp = TempDir::new("ids");
+        let o = opts(&tmp.0, 100);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        assert_eq!(send(&mut h, "r", 3), vec![1, 2, 3]);
+        h.commit().expect("commit");
+        // A transaction that is rolled back: its ids are not given again.
+        assert_eq!(send(&mut h, "r", 2), vec![4, 5]);
+        h.conn.execute_batch("ROLLBACK").expect("rollback");
+        assert!(h.commit().is_err(), "the transaction is gone");
+        assert!(!h.healthy());
+        h.release("r");
+        assert_eq!(send(&mut h, "r", 1), vec![6]);
+        h.commit().expect("commit");
+        drop(h);
+        let mut h = SqliteHistory::open(&o).expect("reopen");
+        assert_eq!(ids(&h.last("r", 10).expect("last")), vec![1, 2, 3, 6]);
+        assert_eq!(h.reserve_id("r").expect("id"), 7);
+    }
+
+    #[test]
+    fn retention_trims_in_bounded_batches() {
+        let tmp = TempDir::new("retain");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 5000)).expect("open");
+        send(&mut h, "r", 3000);
+        h.commit().expect("commit");
+        drop(h);
+        // Lowered to 10: the backlog goes a batch per commit, not at once.
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 10)).expect("open");
+        send(&mut h, "r", 1);
+        h.commit().expect("commit");
+        let deleted = counter(&h, "store_retention_deleted");
+        assert!(deleted > 0 && deleted <= RETENTION_BATCH + 1, "{deleted}");
+        for _ in 0..4 {
+            send(&mut h, "r", 1);
+            h.commit().expect("commit");
+        }
+        assert_eq!(
+            ids(&h.after("r", 0, 100).expect("after")),
+            (2996..=3005).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn an_unreadable_row_is_reported_once_and_never_served() {
+        let tmp = TempDir::new("corruptrow");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 100)).expect("open");
+        send(&mut h, "r", 3);
+        h.commit().expect("commit");
+        h.conn
+            .execute(
+                "UPDATE messages SET json = '{\"id\":5000000' WHERE id = 2",
+                [],
+            )
+            .expect("damage");
+        h.conn
+            .execute(
+                "UPDATE messages SET json = '{\"id\":5000000}' WHERE id = 3",
+                [],
+            )
+            .expect("damage");
+        assert_eq!(ids(&h.last("r", 10).expect("last")), vec![1]);
+        h.commit().expect("commit");
+        assert_eq!(ids(&h.after("r", 0, 10).expect("after")), vec![1]);
+        assert_eq!(counter(&h, "store_corrupt_rows"), 2);
+        assert_eq!(h.reserve_id("r").expect("id"), 4, "ids are not moved");
+        let quarantined: i64 = h
+            .conn
+            .query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(quarantined, 2);
+    }
+
+    #[test]
+    fn descriptors_do_not_grow_with_rooms() {
+        let tmp = TempDir::new("fds");
+        let count = |dir: &Path| {
+            let dir = fs::canonicalize(dir).expect("canonical");
+            fs::read_dir("/proc/self/fd")
+                .expect("fds")
+                .filter_map(Result::ok)
+                .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&dir)))
+                .count()
+        };
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 100)).expect("open");
+        send(&mut h, "r0", 1);
+        h.commit().expect("commit");
+        let few = count(&tmp.0);
+        for i in 0..500 {
+            send(&mut h, &format!("r{i}"), 1);
+        }
+        h.commit().expect("commit");
+        let many = count(&tmp.0);
+        assert_eq!(few, many);
+        assert!(many <= DESCRIPTORS, "{many} descriptors");
+    }
+
+    /// A damaged page is found at start after an unclean stop (`quick_check`),
+    /// and otherwise by the first read that meets it, which fails and makes
+    /// the store unhealthy: it is never served from.
+    #[test]
+    fn damage_is_found_at_start_after_a_crash_and_by_reads_otherwise() {
+        let tmp = TempDir::new("damage");
+        let o = opts(&tmp.0, 100_000);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        send(&mut h, "r", 3000);
+        h.commit().expect("commit");
+        drop(h);
+        let db = tmp.0.join(DB_FILE);
+        let page: i64 = Connection::open(&db)
+            .expect("open")
+            .query_row(
+                "SELECT pageno FROM dbstat WHERE name = 'messages' AND pagetype = 'leaf' LIMIT 1 OFFSET 5",
+                [],
+                |r| r.get(0),
+            )
+            .expect("a leaf page");
+        let file = File::options().write(true).open(&db).expect("db");
+        file.write_all_at(&[0xff; 16], (page as u64 - 1) * 4096)
+            .expect("damage");
+        drop(file);
+
+        // Closed cleanly: no check at start; the damaged page is met by reads.
+        let mut h = SqliteHistory::open(&o).expect("open without a check");
+        assert!(h.after("r", 0, 3000).is_err());
+        assert!(!h.healthy());
+        drop(h);
+
+        // As after a crash: the check refuses the file.
+        Connection::open(&db)
+            .expect("open")
+            .execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('open', 1)",
+                [],
+            )
+            .expect("mark open");
+        match SqliteHistory::open(&o) {
+            Err(OpenError::Corrupt { detail, .. }) => assert!(!detail.contains('\n'), "{detail}"),
+            other => panic!("expected Corrupt, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_dir_is_refused() {
+        let tmp = TempDir::new("lock");
+        let _h = SqliteHistory::open(&opts(&tmp.0, 100)).expect("open");
+        match SqliteHistory::open(&opts(&tmp.0, 100)) {
+            Err(OpenError::Locked { .. }) => {}
+            other => panic!("expected Locked, got {:?}", other.err()),
+        }
+    }
+}
