@@ -30,6 +30,7 @@
 //! listener, the waker and the signal pipe use fixed tokens counted down
 //! from `usize::MAX` (see `server.rs`), so the two ranges never meet.
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod dispatch;
