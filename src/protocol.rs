@@ -38,6 +38,8 @@ pub enum ErrorCode {
     RateLimited,
     BinaryUnsupported,
     HistoryUnavailable,
+    /// Cluster mode: Redis cannot be reached; nothing was done.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -55,6 +57,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BinaryUnsupported => "binary_unsupported",
             ErrorCode::HistoryUnavailable => "history_unavailable",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -22,10 +22,12 @@ pub enum Reject {
     Taken,
     HandshakeFailed,
     HandshakeTimeout,
+    /// Cluster mode: Redis unreachable (503).
+    ClusterDown,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::OverLimit,
         Reject::BadRequest,
         Reject::HeadTooLarge,
@@ -37,6 +39,7 @@ impl Reject {
         Reject::Taken,
         Reject::HandshakeFailed,
         Reject::HandshakeTimeout,
+        Reject::ClusterDown,
     ];
 
     pub fn label(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Reject {
             Reject::Taken => "taken",
             Reject::HandshakeFailed => "handshake_failed",
             Reject::HandshakeTimeout => "handshake_timeout",
+            Reject::ClusterDown => "cluster_unavailable",
         }
     }
 }
@@ -126,6 +130,9 @@ pub struct Snapshot {
     pub rss_bytes: u64,
     /// CPU time of the process, user + system, milliseconds.
     pub cpu_ms: u64,
+    /// Cluster mode only (empty otherwise): `redis_connected`, `nodes`
+    /// and the engine's counters, shown as top-level fields.
+    pub cluster: Vec<(&'static str, u64)>,
 }
 
 /// This process's resident memory (bytes) and CPU time (ms), from
@@ -180,7 +187,7 @@ impl Snapshot {
             .map(|(k, v)| (k.to_string(), (*v).into()))
             .collect();
         let l = &self.loops;
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "connections": self.connections,
             "rooms": self.rooms,
             "messages": self.messages,
@@ -212,8 +219,13 @@ impl Snapshot {
             "store": store,
             "rss_bytes": self.rss_bytes,
             "cpu_seconds": self.cpu_ms as f64 / 1000.0,
-        })
-        .to_string()
+        });
+        if let Some(fields) = body.as_object_mut() {
+            for (name, value) in &self.cluster {
+                fields.insert(name.to_string(), (*value).into());
+            }
+        }
+        body.to_string()
     }
 
     /// The `/metrics` body (Prometheus text exposition format 0.0.4).
@@ -252,6 +264,14 @@ impl Snapshot {
             &[("", self.max_connections)],
         );
         metric("rooms", "gauge", "Live rooms.", &[("", self.rooms)]);
+        for (name, value) in &self.cluster {
+            metric(
+                name,
+                "gauge",
+                "Cluster mode (docs/cluster.md).",
+                &[("", *value)],
+            );
+        }
         metric(
             "timers",
             "gauge",

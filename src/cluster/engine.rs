@@ -314,6 +314,8 @@ pub struct RedisEngine {
     next_refresh: u64,
     next_ping: u64,
     nodes: u64,
+    /// Both links were ready after the last events (for the log line).
+    was_healthy: bool,
     pub counters: EngineCounters,
 }
 
@@ -339,6 +341,7 @@ impl RedisEngine {
             next_refresh: 0,
             next_ping: 0,
             nodes: 0,
+            was_healthy: false,
             counters: EngineCounters::default(),
             cfg,
         }
@@ -748,6 +751,22 @@ impl RedisEngine {
         }
         self.events = events;
         self.sub_events = sub_events;
+        let healthy = self.healthy();
+        if healthy != self.was_healthy {
+            self.was_healthy = healthy;
+            match healthy {
+                true => log::info!(
+                    "cluster: node {} connected to redis {}",
+                    self.cfg.node,
+                    self.cfg.url.addr
+                ),
+                false => log::warn!(
+                    "cluster: node {} lost redis {}; commands answer unavailable",
+                    self.cfg.node,
+                    self.cfg.url.addr
+                ),
+            }
+        }
     }
 
     fn hand_over(&mut self, deliver: Vec<(Rc<str>, Entry)>) {
