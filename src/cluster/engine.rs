@@ -409,6 +409,7 @@ impl RedisEngine {
         if self.cmd.is_ready() && now >= self.next_refresh {
             self.refresh(now);
         }
+        self.cmd.flush_or_fail(now, registry, &mut events);
         self.absorb(now, registry, events, sub_events, wanted);
     }
 

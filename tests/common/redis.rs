@@ -126,22 +126,7 @@ impl Redis {
 
     /// One command on a fresh connection; the reply.
     pub fn cmd(&self, args: &[&str]) -> Reply {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut out = Vec::new();
-        resp::encode(&mut out, args);
-        s.write_all(&out).expect("write to redis");
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some((reply, _)) = resp::decode(&buf).expect("RESP from redis") {
-                return reply;
-            }
-            let n = s.read(&mut chunk).expect("read from redis");
-            assert!(n > 0, "redis closed the connection");
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        command_on(self.port, args)
     }
 }
 
@@ -149,5 +134,26 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One command to the Redis on `port`, on a fresh connection (usable from
+/// another thread); the reply.
+pub fn command_on(port: u16, args: &[&str]) -> Reply {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    resp::encode(&mut out, args);
+    s.write_all(&out).expect("write to redis");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((reply, _)) = resp::decode(&buf).expect("RESP from redis") {
+            return reply;
+        }
+        let n = s.read(&mut chunk).expect("read from redis");
+        assert!(n > 0, "redis closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
