@@ -483,7 +483,7 @@ impl Dispatcher {
         };
         let user = member.name.clone();
         if self.shared.is_some() {
-            return self.publish_shared(key, &content, room, user, reference, now.unix_ms, out);
+            return self.publish_shared(key, &content, room, reference, now.unix_ms, out);
         }
         let id = match self.history.reserve_id(&room) {
             Ok(id) => id,

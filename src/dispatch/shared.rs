@@ -262,11 +262,13 @@ impl Dispatcher {
         key: ConnKey,
         content: &str,
         room: Rc<str>,
-        user: Rc<str>,
         reference: Option<&str>,
         ts: u64,
         out: &mut Outbound,
     ) {
+        let Some(user) = self.tables.member(key).map(|m| m.name.clone()) else {
+            return;
+        };
         let event = protocol::Message {
             kind: "message",
             content,
@@ -644,7 +646,12 @@ impl Dispatcher {
             }
             held
         };
-        if !self.still(key, name) {
+        // Gone, or left the room again while the backlog was on the way.
+        let inside = self
+            .tables
+            .member(key)
+            .is_some_and(|m| &*m.name == name && m.rooms.contains(&room));
+        if !inside {
             return;
         }
         let (last_id, backlog, users) = match result {
@@ -654,9 +661,7 @@ impl Dispatcher {
                 users,
             }) => (last_id, backlog, users),
             Ok(_) | Err(_) => {
-                if let Some(emptied) = self.tables.leave(key, &room) {
-                    let _ = emptied;
-                }
+                self.tables.leave(key, &room);
                 let why = match result {
                     Err(why) => why,
                     Ok(_) => Unavailable::Refused,
@@ -913,4 +918,271 @@ fn presence_json(kind: &'static str, room: &str, user: &str) -> String {
         user,
     })
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The cluster side driven without Redis: the test plays the engine,
+    //! answering requests with completions and publications.
+    use super::*;
+    use crate::dispatch::{Clock, SessionRequest, Settings};
+    use crate::protocol::Limits;
+    use crate::store::memory::MemoryHistory;
+    use crate::store::Kept;
+    use serde_json::Value;
+
+    const NOW: Clock = Clock {
+        mono_ms: 0,
+        unix_ms: 1_700_000_000_000,
+    };
+
+    struct Node {
+        d: Dispatcher,
+        out: Outbound,
+        pending_enter: Option<(Ticket, Request)>,
+    }
+
+    fn kept(room: &str, id: u64) -> Kept {
+        let json = format!(
+            r#"{{"type":"message","content":"m{id}","room":"{room}","user":"x","id":{id},"ts":1}}"#
+        );
+        Kept {
+            id,
+            json: Rc::from(serde_json::value::RawValue::from_string(json).expect("json")),
+        }
+    }
+
+    impl Node {
+        fn new() -> Self {
+            let settings = Settings {
+                limits: Limits {
+                    max_message_bytes: 65536,
+                    max_content_bytes: 100,
+                    max_rooms_per_user: 3,
+                    rate_per_s: 100,
+                    rate_burst: 100,
+                    history_limit: 50,
+                },
+                resume_max: 1000,
+                refuse_unkept: false,
+                reply_bytes: 1 << 20,
+            };
+            Node {
+                d: Dispatcher::new(settings, Box::new(MemoryHistory::new(0))).clustered(),
+                out: Outbound::default(),
+                pending_enter: None,
+            }
+        }
+
+        fn take(&mut self) -> Vec<(ConnKey, Value)> {
+            self.out
+                .sends
+                .drain(..)
+                .map(|(k, f)| {
+                    let v = serde_json::from_slice(protocol::frame_payload(&f)).expect("json");
+                    (k, v)
+                })
+                .collect()
+        }
+
+        fn requests(&mut self) -> Vec<(Ticket, Request)> {
+            self.d.take_requests()
+        }
+
+        fn complete(&mut self, ticket: Ticket, result: Result<Answer, Unavailable>) {
+            self.d
+                .complete(Completion { ticket, result }, &mut self.out);
+        }
+
+        /// Admit, grant the claim, open, and answer the home join with
+        /// `last_id` and no backlog.
+        fn member(&mut self, key: ConnKey, name: &str, room: &str, last_id: u64) {
+            let req = SessionRequest {
+                username: Some(name.into()),
+                room: Some(room.into()),
+            };
+            self.d.admit(key, &req, NOW).expect("admitted");
+            let (t, _) = self.requests().pop().expect("claim");
+            self.complete(t, Ok(Answer::Claimed(true)));
+            assert_eq!(self.d.take_admissions(), vec![(key, Ok(()))]);
+            self.d.open(key, None, &mut self.out);
+            let (t, r) = self.requests().pop().expect("enter");
+            assert!(matches!(r, Request::Enter { .. }), "{r:?}");
+            self.complete(
+                t,
+                Ok(Answer::Entered {
+                    last_id,
+                    backlog: Vec::new(),
+                    users: vec![name.into()],
+                }),
+            );
+            self.take();
+        }
+
+        /// Like [`Node::member`], leaving the home join's answer out.
+        fn member_waiting(&mut self, key: ConnKey, name: &str, room: &str) {
+            let req = SessionRequest {
+                username: Some(name.into()),
+                room: Some(room.into()),
+            };
+            self.d.admit(key, &req, NOW).expect("admitted");
+            let (t, _) = self.requests().pop().expect("claim");
+            self.complete(t, Ok(Answer::Claimed(true)));
+            self.d.take_admissions();
+            self.d.open(key, None, &mut self.out);
+            self.pending_enter = self.requests().pop();
+        }
+
+        fn publish(&mut self, room: &str, id: u64, ticket: Option<Ticket>) {
+            let json = kept(room, id).json.get().to_string();
+            self.d.publication(
+                Publication::Message {
+                    room: Rc::from(room),
+                    id,
+                    ticket,
+                    json: Rc::from(json),
+                },
+                &mut self.out,
+            );
+        }
+    }
+
+    fn ids_for(events: &[(ConnKey, Value)], key: ConnKey) -> Vec<u64> {
+        events
+            .iter()
+            .filter(|(k, v)| *k == key && v["type"] == "message")
+            .filter_map(|(_, v)| v["id"].as_u64())
+            .collect()
+    }
+
+    #[test]
+    fn an_upgrade_waits_for_its_claim() {
+        let mut n = Node::new();
+        let req = SessionRequest {
+            username: Some("alice".into()),
+            room: None,
+        };
+        n.d.admit(1, &req, NOW).expect("admitted");
+        let reqs = n.requests();
+        assert!(matches!(&reqs[..], [(_, Request::Claim { name })] if &**name == "alice"));
+        assert!(
+            n.d.take_admissions().is_empty(),
+            "decided before the claim came back"
+        );
+        // Held elsewhere in the cluster: 409, and the name is free here.
+        n.complete(reqs[0].0, Ok(Answer::Claimed(false)));
+        assert_eq!(n.d.take_admissions(), vec![(1, Err(Refusal::Taken))]);
+        assert!(n.d.tables().by_name("alice").is_none());
+        // Redis unreachable: 503.
+        n.d.admit(2, &req, NOW).expect("admitted");
+        let (t, _) = n.requests().pop().expect("claim");
+        n.complete(t, Err(Unavailable::NotSent));
+        assert_eq!(n.d.take_admissions(), vec![(2, Err(Refusal::Unavailable))]);
+    }
+
+    #[test]
+    fn a_guest_number_taken_elsewhere_is_retried() {
+        let mut n = Node::new();
+        n.d.admit(1, &SessionRequest::default(), NOW)
+            .expect("admitted");
+        let (t, _) = n.requests().pop().expect("claim");
+        n.complete(t, Ok(Answer::Claimed(false)));
+        let reqs = n.requests();
+        assert!(matches!(&reqs[..], [(_, Request::Claim { name })] if &**name == "guest-2"));
+        n.complete(reqs[0].0, Ok(Answer::Claimed(true)));
+        assert_eq!(n.d.take_admissions(), vec![(1, Ok(()))]);
+    }
+
+    #[test]
+    fn a_joiner_sees_every_message_once_around_its_backlog() {
+        let mut n = Node::new();
+        n.member(1, "alice", "r", 5);
+        // Bob's join goes out; message 6 arrives before its answer.
+        n.member_waiting(2, "bob", "r");
+        n.publish("r", 6, None);
+        let got = n.take();
+        assert_eq!(ids_for(&got, 1), [6]);
+        assert!(ids_for(&got, 2).is_empty(), "held while the backlog is out");
+        // The backlog already holds 6 (and 7, published before the script
+        // ran): neither is delivered to bob again.
+        let (t, _) = n.pending_enter.take().expect("enter");
+        n.complete(
+            t,
+            Ok(Answer::Entered {
+                last_id: 7,
+                backlog: vec![kept("r", 6), kept("r", 7)],
+                users: vec!["alice".into(), "bob".into()],
+            }),
+        );
+        n.publish("r", 7, None);
+        n.publish("r", 8, None);
+        let got = n.take();
+        let joined = got
+            .iter()
+            .find(|(k, v)| *k == 2 && v["type"] == "joined")
+            .expect("joined");
+        let history: Vec<u64> = joined.1["history"]
+            .as_array()
+            .expect("history")
+            .iter()
+            .filter_map(|m| m["id"].as_u64())
+            .collect();
+        assert_eq!(history, [6, 7]);
+        assert_eq!(ids_for(&got, 2), [8]);
+        assert_eq!(ids_for(&got, 1), [7, 8]);
+    }
+
+    #[test]
+    fn the_senders_copy_has_its_ref_and_comes_in_room_order() {
+        let mut n = Node::new();
+        n.member(1, "alice", "r", 0);
+        n.member(2, "bob", "r", 0);
+        n.d.handle_text(
+            1,
+            r#"{"type":"message","content":"hi","ref":"c1"}"#,
+            NOW,
+            &mut n.out,
+        );
+        let reqs = n.requests();
+        let [(t, Request::Publish { prefix, suffix, .. })] = &reqs[..] else {
+            panic!("{reqs:?}")
+        };
+        assert!(n.take().is_empty(), "nothing before the cluster has it");
+        let json = format!("{prefix}1{suffix}");
+        let v: Value = serde_json::from_str(&json).expect("the halves make JSON");
+        assert_eq!(
+            (v["id"].as_u64(), v["content"].as_str()),
+            (Some(1), Some("hi"))
+        );
+        n.d.publication(
+            Publication::Message {
+                room: Rc::from("r"),
+                id: 1,
+                ticket: Some(*t),
+                json: Rc::from(json),
+            },
+            &mut n.out,
+        );
+        let got = n.take();
+        let own = got.iter().find(|(k, _)| *k == 1).expect("own copy");
+        let other = got.iter().find(|(k, _)| *k == 2).expect("bob's copy");
+        assert_eq!(own.1["ref"], "c1");
+        assert!(other.1.get("ref").is_none());
+        n.complete(*t, Ok(Answer::Published(1)));
+        assert_eq!(n.d.counters.messages, 1);
+        assert!(n.take().is_empty());
+    }
+
+    #[test]
+    fn a_request_the_engine_cannot_send_is_unavailable() {
+        let mut n = Node::new();
+        n.member(1, "alice", "r", 0);
+        n.d.handle_text(1, r#"{"type":"who","room":"r","ref":"w"}"#, NOW, &mut n.out);
+        let (t, _) = n.requests().pop().expect("who");
+        n.complete(t, Err(Unavailable::NotSent));
+        let got = n.take();
+        assert_eq!(got[0].1["code"], "unavailable");
+        assert_eq!(got[0].1["ref"], "w");
+        assert_eq!(n.d.waiting(), 0);
+    }
 }
