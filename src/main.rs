@@ -24,7 +24,9 @@ fn main() -> ExitCode {
         }
     };
     loopchat::logger::init(config.log_level);
-    let history = if config.persist {
+    let history = if let Some(url) = &config.redis {
+        format!("redis {} (cluster mode)", url.addr)
+    } else if config.persist {
         format!("{} (fsync {})", config.data_dir.display(), config.fsync)
     } else {
         "memory only".to_string()

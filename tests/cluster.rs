@@ -415,16 +415,18 @@ fn a_stalled_redis_is_down_then_recovers() {
     let mut alice = member(&a, "alice", "s");
     let port = redis.port;
     let sleeper = std::thread::spawn(move || {
-        redis::command_on(port, &["DEBUG", "SLEEP", "2"]);
+        redis::command_on(port, &["DEBUG", "SLEEP", "3"]);
     });
-    // A command in flight while Redis sleeps makes the deadline fire.
-    alice.send(json!({"type":"who","room":"s","ref":"w"}));
+    // The subscription's ping (every second) goes unanswered: after the
+    // reply deadline the node counts Redis as down, by itself.
     a.wait_line("redis lost", deadline, |l| l.contains("lost redis"));
-    let err = alice.wait_for("who's error", |v| v["type"] == "error" && v["ref"] == "w");
-    assert_eq!(err["code"], "unavailable");
     alice.send(json!({"type":"message","content":"x","ref":"x"}));
     let err = alice.wait_for("message error", |v| v["type"] == "error" && v["ref"] == "x");
     assert_eq!(err["code"], "unavailable");
+    alice.send(json!({"type":"who","room":"s","ref":"w"}));
+    let err = alice.wait_for("who's error", |v| v["type"] == "error" && v["ref"] == "w");
+    assert_eq!(err["code"], "unavailable");
+    assert_eq!(healthz(&a), 503);
     sleeper.join().expect("sleeper");
     a.wait_line("redis back", deadline, |l| l.contains("connected to redis"));
     let back = alice.say("back");
@@ -518,4 +520,37 @@ fn pubsub_cut_in_a_loop_loses_and_duplicates_nothing() {
     sorted.dedup();
     assert_eq!(sorted.len(), got.len());
     assert!(got.windows(2).all(|w| w[0] < w[1]));
+}
+
+/// Bad cluster flags are a one-line usage error (exit 2), not a panic;
+/// `--data-dir` and `--fsync` are accepted beside `--redis` and ignored.
+#[test]
+fn cluster_flags_are_checked_and_disk_flags_ignored() {
+    for (flag, value) in [
+        ("--redis", "http://127.0.0.1:1"),
+        ("--redis", "rediss://127.0.0.1:1"),
+        ("--redis", "redis://127.0.0.1"),
+        ("--node-id", "has space"),
+        ("--node-ttl-ms", "10"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopchat"))
+            .args([flag, value])
+            .output()
+            .expect("run loopchat");
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(flag.trim_start_matches('-')), "{err}");
+    }
+    let deadline = Instant::now() + TEST_TIME;
+    let redis = Redis::start(false, deadline);
+    let dir = redis.dir.join("never-created");
+    let dir = dir.to_string_lossy().into_owned();
+    let a = node(&redis, &["--data-dir", &dir, "--fsync", "always"], deadline);
+    let mut alice = member(&a, "alice", "r");
+    assert_eq!(alice.say("x")["id"], 1);
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "the data dir was used"
+    );
 }

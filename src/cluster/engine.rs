@@ -451,6 +451,21 @@ impl RedisEngine {
     /// Carry out one request. A request that cannot even be sent completes
     /// at once with [`Unavailable::NotSent`].
     pub fn submit(&mut self, now: u64, ticket: Ticket, request: Request) {
+        let quiet = matches!(
+            request,
+            Request::Release { .. } | Request::Part { .. } | Request::Resync { .. }
+        );
+        if !quiet && !self.healthy() {
+            // Either link down is "Redis unreachable" for the client (the
+            // same rule as /healthz): nothing is sent, so nothing was done.
+            // What expects no answer still goes when the command link is
+            // up, so that presence stays right.
+            self.completions.push(Completion {
+                ticket,
+                result: Err(Unavailable::NotSent),
+            });
+            return;
+        }
         let p = PREFIX;
         let node = self.cfg.node.clone();
         let ch = self.channel.clone();

@@ -45,6 +45,10 @@ pub struct Fill {
 struct Seq {
     /// Last id delivered to local members (or skipped as known).
     seen: u64,
+    /// `seen` is a real delivery point (a join's backlog ended there, or a
+    /// publication was delivered): only then can a gap be told. A fresh
+    /// room's point is 0, and known.
+    known: bool,
     /// Highest id this node knows of in the room (delivered, published,
     /// read): what the publish script must stay above if Redis lost its
     /// counter.
@@ -88,8 +92,9 @@ impl Sequences {
     /// room was not tracked yet, that is where delivery starts.
     pub fn entered(&mut self, room: &Rc<str>, last_id: u64) {
         let seq = self.rooms.entry(room.clone()).or_default();
-        if seq.seen == 0 && seq.filling.is_none() {
+        if !seq.known && seq.filling.is_none() {
             seq.seen = last_id;
+            seq.known = true;
         }
         seq.high = seq.high.max(last_id);
     }
@@ -116,8 +121,9 @@ impl Sequences {
         if entry.id <= seq.seen {
             return;
         }
-        if !wanted || seq.seen == 0 || entry.id == seq.seen + 1 {
+        if !wanted || !seq.known || entry.id == seq.seen + 1 {
             seq.seen = entry.id;
+            seq.known = true;
             deliver.push((room.clone(), entry));
             return;
         }
@@ -138,7 +144,7 @@ impl Sequences {
     pub fn resume(&mut self, wanted: &dyn Fn(&str) -> bool) -> Vec<Fill> {
         let mut fills = Vec::new();
         for (room, seq) in self.rooms.iter_mut() {
-            if !wanted(room) || seq.seen == 0 {
+            if !wanted(room) || !seq.known {
                 continue;
             }
             match &mut seq.filling {
@@ -184,6 +190,17 @@ impl Sequences {
         deliver: &mut Vec<(Rc<str>, Entry)>,
         fills: &mut Vec<Fill>,
     ) {
+        let not_filling = self.rooms.get(room).map_or(true, |s| s.filling.is_none());
+        if not_filling {
+            // A second fill that was out when the first one completed the
+            // room (the subscription dropped again meanwhile): what it
+            // brings may be newer than anything live, so it counts like
+            // arrivals (duplicates drop, a gap asks again).
+            for entry in entries {
+                self.arrive(room, entry, wanted, deliver, fills);
+            }
+            return;
+        }
         let Some(seq) = self.rooms.get_mut(room) else {
             return;
         };
@@ -332,6 +349,32 @@ mod tests {
         t.arrive(6);
         t.filled(3..=5);
         assert_eq!(t.got, [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_second_fill_after_the_room_was_completed_still_counts() {
+        let mut t = T::new();
+        t.seqs.entered(&t.room.clone(), 2);
+        // The subscription dropped twice: two resumes, two fills out.
+        t.seqs.resume(&|_| true);
+        t.seqs.resume(&|_| true);
+        t.filled([3]);
+        // The second fill, sent later, saw more.
+        t.filled([3, 4, 5]);
+        t.arrive(6);
+        assert_eq!(t.got, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_fresh_room_is_filled_from_zero() {
+        let mut t = T::new();
+        // Joined an empty room; the subscription dropped before message 1.
+        t.seqs.entered(&t.room.clone(), 0);
+        let fills = t.seqs.resume(&|_| true);
+        assert_eq!(fills[0].after, 0);
+        t.arrive(3);
+        t.filled([1, 2, 3]);
+        assert_eq!(t.got, [1, 2, 3]);
     }
 
     #[test]
