@@ -40,6 +40,10 @@ use crate::store::Kept;
 /// Key prefix of everything loopchat writes.
 pub const PREFIX: &str = "lc:";
 
+/// Most messages in one publish script call (each is three arguments; Lua
+/// unpacks the sorted-set arguments onto its stack, which holds 8,000).
+const MAX_BATCH: usize = 256;
+
 /// How often the subscription link is pinged: a subscription that stopped
 /// being served is noticed within this plus the reply deadline.
 const PING_EVERY_MS: u64 = 1_000;
@@ -92,25 +96,37 @@ impl Script {
     }
 }
 
-/// Id, history append, trim and publication of one message, atomically.
-/// The id is one above the larger of the stored counter and the node's
-/// high-water mark, so that ids continue above every id served even when
-/// Redis came back empty.
+/// Id, history append, trim and publication of a batch of messages of one
+/// room (those a node accepted in one pass), atomically. Each id is one
+/// above the previous; the first is one above the larger of the stored
+/// counter and the node's high-water mark, so that ids continue above every
+/// id served even when Redis came back empty. One publication carries the
+/// whole batch, one record a line (JSON has no raw newline).
 const PUBLISH_LUA: &str = r#"
 local id = tonumber(redis.call('GET', KEYS[1]) or '0')
 local hwm = tonumber(ARGV[2])
 if hwm > id then id = hwm end
-id = id + 1
-local sid = string.format('%d', id)
-redis.call('SET', KEYS[1], sid)
-local entry = ARGV[4] .. ' ' .. ARGV[5] .. sid .. ARGV[6]
-redis.call('ZADD', KEYS[2], sid, entry)
+local n = tonumber(ARGV[5])
+local zargs = {}
+local lines = {}
+local ids = {}
+for i = 0, n - 1 do
+  id = id + 1
+  local sid = string.format('%d', id)
+  local entry = ARGV[6 + 3 * i] .. ' ' .. ARGV[7 + 3 * i] .. sid .. ARGV[8 + 3 * i]
+  zargs[#zargs + 1] = sid
+  zargs[#zargs + 1] = entry
+  lines[#lines + 1] = 'M ' .. ARGV[1] .. ' ' .. sid .. ' ' .. entry
+  ids[#ids + 1] = id
+end
+redis.call('SET', KEYS[1], string.format('%d', id))
+redis.call('ZADD', KEYS[2], unpack(zargs))
 local keep = tonumber(ARGV[3])
 if redis.call('ZCARD', KEYS[2]) > keep then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(keep + 1))
 end
-redis.call('PUBLISH', ARGV[7], 'M ' .. ARGV[1] .. ' ' .. sid .. ' ' .. entry)
-return id
+redis.call('PUBLISH', ARGV[4], table.concat(lines, '\n'))
+return ids
 "#;
 
 /// Membership, the join notice (once), and the joiner's view: last id,
@@ -277,8 +293,10 @@ enum Op {
         room: Rc<str>,
         since: bool,
     },
+    /// A batch of messages of `room`, in submission order.
     Publish {
         room: Rc<str>,
+        tickets: Vec<Ticket>,
     },
     Page,
     Who,
@@ -307,6 +325,8 @@ pub struct RedisEngine {
     sub: Link<()>,
     shas: Vec<Option<String>>,
     seqs: Sequences,
+    /// Messages submitted this pass, sent per room at the flush.
+    batch: Vec<(Ticket, Rc<str>, String, String)>,
     completions: Vec<Completion>,
     publications: Vec<Publication>,
     events: Vec<LinkEvent<Tag>>,
@@ -334,6 +354,7 @@ impl RedisEngine {
             channel,
             shas: vec![None; Script::ALL.len()],
             seqs: Sequences::new(),
+            batch: Vec::new(),
             completions: Vec::new(),
             publications: Vec::new(),
             events: Vec::new(),
@@ -434,6 +455,7 @@ impl RedisEngine {
 
     /// Write what requests queued. Call once per pass after submitting.
     pub fn flush(&mut self, now: u64, registry: &Registry, wanted: &dyn Fn(&str) -> bool) {
+        self.send_batches(now);
         let mut events = std::mem::take(&mut self.events);
         self.cmd.flush_or_fail(now, registry, &mut events);
         let sub_events = std::mem::take(&mut self.sub_events);
@@ -533,21 +555,10 @@ impl RedisEngine {
                     prefix,
                     suffix,
                 } => {
-                    let hwm = self.seqs.high(&room);
-                    (
-                        Op::Publish { room: room.clone() },
-                        Some(Script::Publish),
-                        vec![format!("{p}seq:{room}"), format!("{p}log:{room}")],
-                        vec![
-                            room.as_bytes().to_vec(),
-                            hwm.to_string().into_bytes(),
-                            self.cfg.retain.to_string().into_bytes(),
-                            format!("{node} {ticket}").into_bytes(),
-                            prefix.into(),
-                            suffix.into(),
-                            ch.into(),
-                        ],
-                    )
+                    // Sent at the next flush, with the other messages of
+                    // the room from this pass.
+                    self.batch.push((ticket, room, prefix, suffix));
+                    return;
                 }
                 Request::Direct { to, json } => (
                     Op::Direct,
@@ -618,6 +629,74 @@ impl RedisEngine {
         self.eval(now, ticket, op, eval);
     }
 
+    /// One publish script call per room for the messages submitted since
+    /// the last flush (at most [`MAX_BATCH`] per call).
+    fn send_batches(&mut self, now: u64) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut rooms: Vec<(Rc<str>, Vec<(Ticket, String, String)>)> = Vec::new();
+        let mut index: std::collections::HashMap<Rc<str>, usize> = Default::default();
+        for (ticket, room, prefix, suffix) in std::mem::take(&mut self.batch) {
+            let at = *index.entry(room.clone()).or_insert_with(|| {
+                rooms.push((room.clone(), Vec::new()));
+                rooms.len() - 1
+            });
+            rooms[at].1.push((ticket, prefix, suffix));
+        }
+        let p = PREFIX;
+        let node = self.cfg.node.clone();
+        for (room, messages) in rooms {
+            for chunk in messages.chunks(MAX_BATCH) {
+                let hwm = self.seqs.high(&room);
+                let mut args: Vec<Vec<u8>> = vec![
+                    b"2".to_vec(),
+                    format!("{p}seq:{room}").into_bytes(),
+                    format!("{p}log:{room}").into_bytes(),
+                    room.as_bytes().to_vec(),
+                    hwm.to_string().into_bytes(),
+                    self.cfg.retain.to_string().into_bytes(),
+                    self.channel.clone().into_bytes(),
+                    chunk.len().to_string().into_bytes(),
+                ];
+                for (ticket, prefix, suffix) in chunk {
+                    args.push(format!("{node} {ticket}").into_bytes());
+                    args.push(prefix.clone().into_bytes());
+                    args.push(suffix.clone().into_bytes());
+                }
+                let tickets: Vec<Ticket> = chunk.iter().map(|(t, _, _)| *t).collect();
+                let op = Op::Publish {
+                    room: room.clone(),
+                    tickets,
+                };
+                let eval = Eval {
+                    script: Script::Publish,
+                    args,
+                };
+                self.eval(now, chunk[0].0, op, eval);
+            }
+        }
+    }
+
+    /// Every ticket `op` answers for, failed with `why`.
+    fn fail_op(&mut self, ticket: Ticket, op: Op, why: Unavailable) {
+        match op {
+            Op::Quiet => {}
+            Op::Publish { tickets, .. } => {
+                for ticket in tickets {
+                    self.completions.push(Completion {
+                        ticket,
+                        result: Err(why),
+                    });
+                }
+            }
+            _ => self.completions.push(Completion {
+                ticket,
+                result: Err(why),
+            }),
+        }
+    }
+
     fn plain(&mut self, now: u64, ticket: Ticket, op: Op, args: &[Vec<u8>]) {
         let tag = Tag::Req {
             ticket,
@@ -652,12 +731,7 @@ impl RedisEngine {
 
     fn refuse(&mut self, tag: Tag) {
         if let Tag::Req { ticket, op, .. } = tag {
-            if !matches!(op, Op::Quiet) {
-                self.completions.push(Completion {
-                    ticket,
-                    result: Err(Unavailable::NotSent),
-                });
-            }
+            self.fail_op(ticket, op, Unavailable::NotSent);
         }
     }
 
@@ -742,11 +816,8 @@ impl RedisEngine {
                         self.counters.link_failures += 1;
                         for tag in lost {
                             match tag {
-                                Tag::Req { ticket, op, .. } if !matches!(op, Op::Quiet) => {
-                                    self.completions.push(Completion {
-                                        ticket,
-                                        result: Err(Unavailable::Lost),
-                                    })
+                                Tag::Req { ticket, op, .. } => {
+                                    self.fail_op(ticket, op, Unavailable::Lost)
                                 }
                                 Tag::Fill(room) => self.seqs.fill_failed(&room),
                                 _ => {}
@@ -812,7 +883,20 @@ impl RedisEngine {
         let Ok(payload) = std::str::from_utf8(payload) else {
             return;
         };
-        let (kind, rest) = payload.split_once(' ').unwrap_or((payload, ""));
+        // A message batch is one record a line; notices and directs are one.
+        for record in payload.split('\n') {
+            self.on_record(record, wanted, deliver, fills);
+        }
+    }
+
+    fn on_record(
+        &mut self,
+        record: &str,
+        wanted: &dyn Fn(&str) -> bool,
+        deliver: &mut Vec<(Rc<str>, Entry)>,
+        fills: &mut Vec<Fill>,
+    ) {
+        let (kind, rest) = record.split_once(' ').unwrap_or((record, ""));
         match kind {
             "M" => {
                 let mut parts = rest.splitn(3, ' ');
@@ -945,22 +1029,29 @@ impl RedisEngine {
                         }
                     }
                     log::warn!("redis: {op:?} refused: {e}");
-                    if !matches!(op, Op::Quiet) {
-                        self.completions.push(Completion {
-                            ticket,
-                            result: Err(Unavailable::Refused),
-                        });
-                    }
-                    return;
+                    return self.fail_op(ticket, op, Unavailable::Refused);
                 }
                 let answer = match op {
                     Op::Quiet => return,
                     Op::Claim => Answer::Claimed(reply.int() == Some(1)),
                     Op::Direct => Answer::Delivered(reply.int() == Some(1)),
-                    Op::Publish { room } => {
-                        let id = reply.int().unwrap_or(0).max(0) as u64;
-                        self.seqs.note(&room, id);
-                        Answer::Published(id)
+                    Op::Publish { room, tickets } => {
+                        let ids: Vec<u64> = match &reply {
+                            Reply::Array(items) => items
+                                .iter()
+                                .map(|r| r.int().unwrap_or(0).max(0) as u64)
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        for (i, ticket) in tickets.into_iter().enumerate() {
+                            let id = ids.get(i).copied().unwrap_or(0);
+                            self.seqs.note(&room, id);
+                            self.completions.push(Completion {
+                                ticket,
+                                result: Ok(Answer::Published(id)),
+                            });
+                        }
+                        return;
                     }
                     Op::Page => {
                         let mut entries = self.entries(&reply);
