@@ -265,6 +265,10 @@ end
 return 1
 "#;
 
+/// A message waiting for its room's batch: ticket, JSON before and after
+/// the id.
+type Unsent = (Ticket, String, String);
+
 /// What a reply on the command link answers.
 #[derive(Debug)]
 enum Tag {
@@ -635,7 +639,7 @@ impl RedisEngine {
         if self.batch.is_empty() {
             return;
         }
-        let mut rooms: Vec<(Rc<str>, Vec<(Ticket, String, String)>)> = Vec::new();
+        let mut rooms: Vec<(Rc<str>, Vec<Unsent>)> = Vec::new();
         let mut index: std::collections::HashMap<Rc<str>, usize> = Default::default();
         for (ticket, room, prefix, suffix) in std::mem::take(&mut self.batch) {
             let at = *index.entry(room.clone()).or_insert_with(|| {
