@@ -7,6 +7,11 @@
 //! broadcast pushes the same shared [`Frame`] for each member. Because
 //! nothing here touches a socket, every command and error is unit-tested
 //! below without one.
+//!
+//! In cluster mode (`--redis`) the commands whose answer is shared across
+//! nodes leave through the seam in `dispatch/shared.rs`: a request to the
+//! engine, answered later by a completion; this file keeps the local
+//! members' tables and the single-node path, which answers inline.
 
 use std::borrow::Cow;
 use std::rc::Rc;

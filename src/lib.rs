@@ -23,6 +23,8 @@
 //!    key and generation.
 //! 7. [`protocol`], [`http`]: the wire formats.
 //! 8. [`store`]: where message ids and history come from.
+//! 9. [`cluster`]: cluster mode, several nodes through one Redis (the
+//!    engine behind `dispatch/shared.rs`, its links on the same poll).
 //!
 //! # Tokens
 //!

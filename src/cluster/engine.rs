@@ -219,14 +219,20 @@ end
 return redis.call('ZCARD', KEYS[1])
 "#;
 
-/// After a reconnect: make Redis's view of this node's members what the
-/// node holds (without notices: presence in an outage is not replayed).
+/// After a (re)connect: make Redis's view of this node's members what the
+/// node holds. Memberships and names Redis has for this node id but the
+/// node does not (left during an outage, or a previous process with the
+/// same `--node-id`) go, with one `leave` notice each; what the node holds
+/// is put back without notices (presence in an outage is not replayed).
 const RESYNC_LUA: &str = r#"
-local p = ARGV[2]
 local node = ARGV[1]
+local p = ARGV[2]
 local n = tonumber(ARGV[3])
+local ch = ARGV[4]
+local names = {}
+for i = 5, 4 + n do names[ARGV[i]] = true end
 local want = {}
-for i = 4 + n, #ARGV do want[ARGV[i]] = true end
+for i = 5 + n, #ARGV do want[ARGV[i]] = true end
 for _, e in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if not want[e] then
     local sp = string.find(e, ' ', 1, true)
@@ -239,14 +245,21 @@ for _, e in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         if tonumber(redis.call('ZINCRBY', p .. 'rooms', -1, room)) <= 0 then
           redis.call('ZREM', p .. 'rooms', room)
         end
+        redis.call('PUBLISH', ch, 'P ' .. room .. ' {"type":"leave","content":"' .. name .. ' left","room":"' .. room .. '","user":"' .. name .. '"}')
       end
     end
     redis.call('SREM', KEYS[1], e)
   end
 end
-for i = 4, 3 + n do
-  redis.call('SET', p .. 'user:' .. ARGV[i], node, 'NX')
-  redis.call('SADD', KEYS[2], ARGV[i])
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not names[name] then
+    if redis.call('GET', p .. 'user:' .. name) == node then redis.call('DEL', p .. 'user:' .. name) end
+    redis.call('SREM', KEYS[2], name)
+  end
+end
+for name, _ in pairs(names) do
+  redis.call('SET', p .. 'user:' .. name, node, 'NX')
+  redis.call('SADD', KEYS[2], name)
 end
 for e, _ in pairs(want) do
   local sp = string.find(e, ' ', 1, true)
@@ -575,6 +588,7 @@ impl RedisEngine {
                         node.clone().into(),
                         p.into(),
                         names.len().to_string().into_bytes(),
+                        ch.clone().into(),
                     ];
                     argv.extend(names.iter().map(|n| n.as_bytes().to_vec()));
                     argv.extend(
