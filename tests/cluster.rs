@@ -563,17 +563,29 @@ fn a_node_restarted_under_its_id_clears_its_previous_members() {
     let deadline = Instant::now() + TEST_TIME;
     let redis = Redis::start(false, deadline);
     let a = node(&redis, &[], deadline);
-    let b = node(&redis, &["--node-id", "b", "--node-ttl-ms", "60000"], deadline);
+    let b = node(
+        &redis,
+        &["--node-id", "b", "--node-ttl-ms", "60000"],
+        deadline,
+    );
     let mut alice = member(&a, "alice", "room");
     let _bob = member(&b, "bob", "room");
     alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
     b.signal(libc::SIGKILL);
     drop(b);
-    let b = node(&redis, &["--node-id", "b", "--node-ttl-ms", "60000"], deadline);
-    alice.wait_for("bob's leave", |v| v["type"] == "leave" && v["user"] == "bob");
+    let b = node(
+        &redis,
+        &["--node-id", "b", "--node-ttl-ms", "60000"],
+        deadline,
+    );
+    alice.wait_for("bob's leave", |v| {
+        v["type"] == "leave" && v["user"] == "bob"
+    });
     let mut again = Client::connect(&b.url("username=bob&room=room"));
     again.expect("welcome");
-    alice.wait_for("bob's join again", |v| v["type"] == "join" && v["user"] == "bob");
+    alice.wait_for("bob's join again", |v| {
+        v["type"] == "join" && v["user"] == "bob"
+    });
     alice.send(json!({"type":"who","room":"room"}));
     let who = alice.expect("members");
     assert_eq!(who["users"], json!(["alice", "bob"]));
