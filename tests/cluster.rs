@@ -593,3 +593,34 @@ fn a_node_restarted_under_its_id_clears_its_previous_members() {
     let who = alice.expect("members");
     assert_eq!(who["users"], json!(["alice", "bob"]));
 }
+
+/// AUTH and the database come from the URL: a Redis with a password, DB 3.
+#[test]
+fn password_and_database_from_the_url() {
+    let deadline = Instant::now() + TEST_TIME;
+    let mut redis = Redis::stopped(redis::free_port(), false);
+    redis.password = Some("s3cret".into());
+    redis.restart(deadline);
+    let url = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
+    let mut a = Bin::start(&["--redis", &url], None, deadline);
+    a.wait_line("redis connected", deadline, |l| {
+        l.contains("connected to redis")
+    });
+    let mut alice = member(&a, "alice", "vault");
+    assert_eq!(alice.say("x")["id"], 1);
+    // The keys are in database 3, behind the password.
+    use loopchat::cluster::resp::Reply;
+    let pipeline = redis::pipeline_on(
+        redis.port,
+        &[
+            &["AUTH", "s3cret"],
+            &["SELECT", "3"],
+            &["GET", "lc:seq:vault"],
+        ],
+    );
+    assert_eq!(pipeline.last(), Some(&Reply::Bulk(b"1".to_vec())));
+    // A wrong password is a link that never gets ready: 503.
+    let wrong = format!("redis://:nope@127.0.0.1:{}/3", redis.port);
+    let b = Bin::start(&["--redis", &wrong], None, deadline);
+    assert_eq!(upgrade_status(&b, "username=bob"), 503);
+}

@@ -22,6 +22,8 @@ pub struct Redis {
     pub port: u16,
     pub dir: PathBuf,
     aof: bool,
+    /// `--requirepass`, when set before [`Redis::restart`].
+    pub password: Option<String>,
     lines: Option<Receiver<String>>,
 }
 
@@ -49,6 +51,7 @@ impl Redis {
             port,
             dir,
             aof,
+            password: None,
             lines: None,
         }
     }
@@ -74,6 +77,10 @@ impl Redis {
             .args(["--save", "", "--logfile", "", "--daemonize", "no"])
             .args(["--appendonly", if self.aof { "yes" } else { "no" }])
             .args(["--enable-debug-command", "yes"])
+            .args(match &self.password {
+                Some(pw) => vec!["--requirepass".to_string(), pw.clone()],
+                None => Vec::new(),
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -156,4 +163,33 @@ pub fn command_on(port: u16, args: &[&str]) -> Reply {
         assert!(n > 0, "redis closed the connection");
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Several commands on one connection (AUTH, SELECT, then the question);
+/// every reply, in order.
+pub fn pipeline_on(port: u16, commands: &[&[&str]]) -> Vec<Reply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    for args in commands {
+        resp::encode(&mut out, args);
+    }
+    s.write_all(&out).expect("write to redis");
+    let mut buf = Vec::new();
+    let mut replies = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while replies.len() < commands.len() {
+        while let Some((reply, used)) = resp::decode(&buf).expect("RESP from redis") {
+            replies.push(reply);
+            buf.drain(..used);
+        }
+        if replies.len() == commands.len() {
+            break;
+        }
+        let n = s.read(&mut chunk).expect("read from redis");
+        assert!(n > 0, "redis closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    replies
 }
