@@ -624,3 +624,59 @@ fn password_and_database_from_the_url() {
     let b = Bin::start(&["--redis", &wrong], None, deadline);
     assert_eq!(upgrade_status(&b, "username=bob"), 503);
 }
+
+/// Redis drops a subscriber whose output buffer passes its limit
+/// (`client-output-buffer-limit pubsub`): here every batch of large
+/// messages does. Every acknowledged message still reaches the other
+/// node's member once, in order, from the stored history.
+#[test]
+fn a_subscriber_dropped_for_its_output_buffer_misses_nothing() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let redis = Redis::start(false, deadline);
+    let a = node(&redis, &[], deadline);
+    let b = node(&redis, &[], deadline);
+    let mut alice = member(&a, "alice", "big");
+    let mut bob = member(&b, "bob", "big");
+    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    // Redis's 16 KiB reply buffer is not counted; a publication larger
+    // than that is, and 1000 bytes of it is over the limit.
+    let limit = redis.cmd(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 1000 0 0",
+    ]);
+    assert_eq!(limit, loopchat::cluster::resp::Reply::Simple("OK".into()));
+    let body = "y".repeat(4000);
+    let mut acked = Vec::new();
+    let mut i = 0;
+    while acked.len() < 24 {
+        common::remaining(deadline);
+        // Eight at once, so that they leave in one batch of ~33 KB.
+        let refs: Vec<String> = (0..8).map(|k| format!("b{i}-{k}")).collect();
+        i += 1;
+        for r in &refs {
+            alice.send(json!({"type":"message","content":body,"ref":r}));
+        }
+        for r in &refs {
+            let v = alice.wait_for("ack or refusal", |v| v["ref"] == r.as_str());
+            if v["type"] == "message" {
+                acked.push(v["id"].as_u64().expect("id"));
+            }
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        let v = bob.next();
+        if v["type"] == "message" {
+            got.push(v["id"].as_u64().expect("id"));
+        }
+    }
+    assert_eq!(got, acked);
+    let (_, body) = common::http(b.addr(), b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n");
+    let stats: Value = serde_json::from_str(&body).expect("stats");
+    assert!(
+        stats["redis_link_failures"].as_u64() > Some(0),
+        "never dropped: {stats}"
+    );
+}
