@@ -53,6 +53,11 @@ pub struct Config {
     /// Install SIGINT/SIGTERM handlers (the binary does; in-process tests
     /// stop the server through its handle instead).
     pub signals: bool,
+    // Cluster mode (PROTOCOL §7; src/cluster/): `--redis`, `--node-id`,
+    // `--node-ttl-ms`. Without `--redis` nothing else changes.
+    pub redis: Option<crate::cluster::url::RedisUrl>,
+    pub node_id: Option<String>,
+    pub node_ttl_ms: u64,
 }
 
 /// Requests head larger than this get 431: 8 KiB is what common proxies
@@ -108,6 +113,12 @@ impl Default for Config {
             trace_loop: false,
             memory_limit: None,
             signals: true,
+            redis: None,
+            node_id: None,
+            // Short enough that a dead node's users leave within seconds,
+            // long enough for a refresh (every ttl/3) to survive a Redis
+            // failover or a busy second.
+            node_ttl_ms: 10_000,
         }
     }
 }
@@ -216,6 +227,11 @@ History
   --fsync MODE               always | everysec | never [{fsync}]
   --retain-messages N        messages kept on disk per room [{retain}]
 
+Cluster (several nodes through one Redis; see docs/cluster.md)
+  --redis URL                redis://[:PASSWORD@]HOST:PORT[/DB]; history then lives in Redis
+  --node-id NAME             this node's name [generated, unique per process]
+  --node-ttl-ms N            a node silent in Redis this long is gone [{ttl}]
+
 Timers
   --handshake-timeout-ms N   drop a client that has not finished its handshake [{hs}]
   --heartbeat-ms N           ping a silent client after N ms, drop it after 2N [{hb}]
@@ -250,6 +266,7 @@ Logging
         hb = d.heartbeat_ms,
         grace = d.shutdown_grace_ms,
         level = d.log_level.as_str().to_lowercase(),
+        ttl = d.node_ttl_ms,
     )
 }
 
@@ -367,6 +384,35 @@ impl Config {
                             why: format!("{text:?} is not a byte count like 64M, 512K or 1G"),
                         }
                     })?);
+                }
+                Long("redis") => {
+                    let url: String = value(&mut p, "redis")?;
+                    c.redis = Some(crate::cluster::url::RedisUrl::parse(&url).map_err(|e| {
+                        ConfigError::BadValue {
+                            flag: "redis",
+                            why: e.0,
+                        }
+                    })?);
+                }
+                Long("node-id") => {
+                    let id: String = value(&mut p, "node-id")?;
+                    if !crate::rooms::valid_name(&id) {
+                        return Err(ConfigError::BadValue {
+                            flag: "node-id",
+                            why: format!("must be {}", crate::rooms::NAME_RULE),
+                        });
+                    }
+                    c.node_id = Some(id);
+                }
+                Long("node-ttl-ms") => {
+                    let ms: u64 = value(&mut p, "node-ttl-ms")?;
+                    if ms < 300 {
+                        return Err(ConfigError::BadValue {
+                            flag: "node-ttl-ms",
+                            why: "must be at least 300".into(),
+                        });
+                    }
+                    c.node_ttl_ms = ms;
                 }
                 Short(flag) => return Err(ConfigError::UnknownFlag(format!("-{flag}"))),
                 Long(flag) => return Err(ConfigError::UnknownFlag(format!("--{flag}"))),

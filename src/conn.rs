@@ -28,8 +28,11 @@
 //! request head itself before tungstenite sees it, and tungstenite's
 //! writes land in the outbox, never on the socket, so tungstenite's server
 //! handshake cannot be interrupted: it completes in the call that starts
-//! it. (A phase that waits for something outside the socket, such as a
-//! name claimed across a cluster, would sit between `Head` and `Open`.)
+//! it. The one phase that waits for something outside the socket sits
+//! between `Head` and `Open`: `Claiming`, in cluster mode, holds an
+//! accepted upgrade until Redis has granted its username across the
+//! cluster (then `Open`, or back to an HTTP answer: 409 or 503 → `Linger`).
+//! Its handshake deadline still runs.
 //!
 //! A connection knows sockets and frames, nothing about rooms: decoded text
 //! goes to the dispatcher through the server. All output, including what
@@ -137,6 +140,14 @@ impl Write for Wire {
 pub enum Phase {
     /// Reading the HTTP request head into `buf`.
     Head { wire: Wire, buf: Vec<u8> },
+    /// Cluster mode: the head (`buf`, whose first `head_len` bytes are
+    /// the request head) passed every check and waits for the name claim.
+    /// Nothing is read meanwhile; what the client sends waits in the socket.
+    Claiming {
+        wire: Wire,
+        buf: Vec<u8>,
+        head_len: usize,
+    },
     /// A WebSocket session: text frames go to the dispatcher.
     Open(Box<WebSocket<Wire>>),
     /// We sent a close frame and wait for the peer's (or the deadline).
@@ -162,6 +173,7 @@ impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Head { .. } => "head",
+            Phase::Claiming { .. } => "claiming",
             Phase::Open(_) => "open",
             Phase::Closing(_) => "closing",
             Phase::Flushing(_) => "flushing",
@@ -174,16 +186,19 @@ impl Phase {
     /// The wire, in every phase that still has a socket.
     pub fn wire(&mut self) -> Option<&mut Wire> {
         match self {
-            Phase::Head { wire, .. } | Phase::Linger { wire, .. } | Phase::Flushing(wire) => {
-                Some(wire)
-            }
+            Phase::Head { wire, .. }
+            | Phase::Claiming { wire, .. }
+            | Phase::Linger { wire, .. }
+            | Phase::Flushing(wire) => Some(wire),
             Phase::Open(ws) | Phase::Closing(ws) => Some(ws.get_mut()),
             Phase::Gone | Phase::Taken => None,
         }
     }
 
     /// Every phase name, in the order of the diagram (for `/stats`).
-    pub const NAMES: [&'static str; 6] = ["head", "open", "closing", "flushing", "linger", "gone"];
+    pub const NAMES: [&'static str; 7] = [
+        "head", "claiming", "open", "closing", "flushing", "linger", "gone",
+    ];
 }
 
 /// What the upgrade leads to.

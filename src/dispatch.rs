@@ -7,6 +7,11 @@
 //! broadcast pushes the same shared [`Frame`] for each member. Because
 //! nothing here touches a socket, every command and error is unit-tested
 //! below without one.
+//!
+//! In cluster mode (`--redis`) the commands whose answer is shared across
+//! nodes leave through the seam in `dispatch/shared.rs`: a request to the
+//! engine, answered later by a completion; this file keeps the local
+//! members' tables and the single-node path, which answers inline.
 
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -17,6 +22,8 @@ use crate::protocol::{self, Command, ErrorCode, Frame, Limits};
 use crate::rate::{Bucket, Rate, Verdict};
 use crate::rooms::{self, ConnKey, Joined, Rooms};
 use crate::store::{History, Kept};
+
+mod shared;
 
 /// Hard cap on `history.limit`, from the protocol.
 pub const MAX_HISTORY_PAGE: usize = 500;
@@ -102,6 +109,8 @@ pub enum Refusal {
     BadRoom,
     /// 409: someone connected holds this name.
     Taken,
+    /// 503: cluster mode, and the name could not be claimed (Redis down).
+    Unavailable,
 }
 
 impl Refusal {
@@ -109,6 +118,7 @@ impl Refusal {
         match self {
             Refusal::BadUsername | Refusal::BadRoom => 400,
             Refusal::Taken => 409,
+            Refusal::Unavailable => 503,
         }
     }
 
@@ -117,6 +127,7 @@ impl Refusal {
             Refusal::BadUsername => format!("username must be {}", rooms::NAME_RULE),
             Refusal::BadRoom => format!("room must be {}", rooms::NAME_RULE),
             Refusal::Taken => "username is already connected".to_string(),
+            Refusal::Unavailable => "cluster store (Redis) unreachable, retry later".to_string(),
         }
     }
 }
@@ -148,6 +159,9 @@ pub struct Dispatcher {
     uncommitted: Vec<Uncommitted>,
     rooms_listing: Option<RoomsListing>,
     pub counters: Counters,
+    /// Cluster mode: what waits on the shared engine (`dispatch/shared.rs`);
+    /// `None` on a single node, where history answers inline.
+    shared: Option<shared::Shared>,
 }
 
 /// The `rooms` answer as of one version of the tables.
@@ -178,7 +192,19 @@ impl Dispatcher {
             uncommitted: Vec::new(),
             rooms_listing: None,
             counters: Counters::default(),
+            shared: None,
         }
+    }
+
+    /// Cluster mode: shared state is asked of the engine (requests and
+    /// completions) instead of the local history and tables.
+    pub fn clustered(mut self) -> Self {
+        self.shared = Some(shared::Shared::default());
+        self
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        self.shared.is_some()
     }
 
     pub fn tables(&self) -> &Rooms {
@@ -207,6 +233,15 @@ impl Dispatcher {
             return Err(Refusal::BadRoom);
         }
         let bucket = Bucket::new(self.settings.rate(), now.mono_ms);
+        if let Some(name) = &req.username {
+            if !rooms::valid_name(name) {
+                return Err(Refusal::BadUsername);
+            }
+        }
+        if self.shared.is_some() {
+            // The upgrade waits for the cluster-wide claim.
+            return self.admit_shared(key, req.username.as_deref(), room, bucket);
+        }
         let name = match &req.username {
             Some(name) if !rooms::valid_name(name) => return Err(Refusal::BadUsername),
             Some(name) => {
@@ -351,6 +386,13 @@ impl Dispatcher {
         let Some((member, rooms)) = self.tables.remove_member(key) else {
             return;
         };
+        if self.shared.is_some() {
+            let rooms: Vec<Rc<str>> = rooms.into_iter().map(|(room, _)| room).collect();
+            for room in &rooms {
+                self.forget_member(key, room);
+            }
+            return self.disconnect_shared(key, &member.name, &rooms, member.open);
+        }
         if !member.open {
             return;
         }
@@ -445,6 +487,9 @@ impl Dispatcher {
             return self.error(key, ErrorCode::NotMember, &text, reference, out);
         };
         let user = member.name.clone();
+        if self.shared.is_some() {
+            return self.publish_shared(key, &content, room, reference, now.unix_ms, out);
+        }
         let id = match self.history.reserve_id(&room) {
             Ok(id) => id,
             Err(e) => {
@@ -524,6 +569,9 @@ impl Dispatcher {
             );
             return self.error(key, ErrorCode::TooManyRooms, &text, reference, out);
         }
+        if self.shared.is_some() {
+            return self.enter_shared(key, room, since, reference, out);
+        }
         self.commit_before_reading(room, out);
         // One more than the cap is asked for, to know whether there is more.
         let (backlog, failure) = match since {
@@ -597,6 +645,13 @@ impl Dispatcher {
                 reference,
             }),
         );
+        if self.shared.is_some() {
+            let room: Rc<str> = Rc::from(room);
+            if let Some(name) = self.tables.member(key).map(|m| m.name.clone()) {
+                self.part_shared(key, &room, &name);
+            }
+            return;
+        }
         if emptied {
             self.history.release(room);
         } else if let Some(name) = self.tables.member(key).map(|m| m.name.clone()) {
@@ -615,6 +670,9 @@ impl Dispatcher {
     ) {
         if !self.content_fits(key, content, reference, out) {
             return;
+        }
+        if self.shared.is_some() {
+            return self.direct_shared(key, to, content, reference, now.unix_ms, out);
         }
         let recipient = self
             .tables
@@ -643,6 +701,9 @@ impl Dispatcher {
     }
 
     fn list_rooms(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Outbound) {
+        if self.shared.is_some() {
+            return self.rooms_shared(key, reference, out);
+        }
         // The listing depends only on the tables: reuse it until a
         // membership changes, so that clients polling `rooms` on a server
         // with many rooms cost a lookup, not a walk over every room.
@@ -720,6 +781,9 @@ impl Dispatcher {
         if !rooms::valid_name(room) {
             return self.bad_room(key, reference, out);
         }
+        if self.shared.is_some() {
+            return self.who_shared(key, room, reference, out);
+        }
         let (users, total) = self.tables.names_in_capped(room, MAX_USERS_LISTED);
         let content = if total > users.len() {
             format!("{total} in {room} ({} listed)", users.len())
@@ -751,6 +815,9 @@ impl Dispatcher {
         let limit = limit
             .map_or(self.settings.limits.history_limit as u64, |l| l)
             .min(MAX_HISTORY_PAGE as u64) as usize;
+        if self.shared.is_some() {
+            return self.page_shared(key, room, before, limit, reference, out);
+        }
         self.commit_before_reading(room, out);
         let kept = match self.history.before(room, before, limit) {
             Ok(kept) => kept,

@@ -23,6 +23,8 @@
 //!    key and generation.
 //! 7. [`protocol`], [`http`]: the wire formats.
 //! 8. [`store`]: where message ids and history come from.
+//! 9. [`cluster`]: cluster mode, several nodes through one Redis (the
+//!    engine behind `dispatch/shared.rs`, its links on the same poll).
 //!
 //! # Tokens
 //!
@@ -30,6 +32,7 @@
 //! listener, the waker and the signal pipe use fixed tokens counted down
 //! from `usize::MAX` (see `server.rs`), so the two ranges never meet.
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod dispatch;

@@ -34,17 +34,19 @@ fn main() -> ExitCode {
     if let Ok(dir) = std::path::absolute(&config.data_dir) {
         config.data_dir = dir;
     }
+    let history = if let Some(url) = &config.redis {
+        format!("redis {} (cluster mode)", url.addr)
+    } else if config.persist {
+        format!("{} (fsync {})", config.data_dir.display(), config.fsync)
+    } else {
+        "memory only".to_string()
+    };
     let server = match Server::bind(config.clone()) {
         Ok(server) => server,
         Err(e) => {
             eprintln!("loopchat: {e}");
             return ExitCode::from(2);
         }
-    };
-    let history = if config.persist {
-        format!("{} (fsync {})", config.data_dir.display(), config.fsync)
-    } else {
-        "memory only".to_string()
     };
     log::info!(
         "listening on ws://{}/ws (history: {history}; max {} connections, {} B messages, {} B outbox)",

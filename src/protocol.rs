@@ -40,6 +40,8 @@ pub enum ErrorCode {
     HistoryUnavailable,
     /// Message or direct content that is empty or only whitespace.
     Empty,
+    /// Cluster mode: Redis cannot be reached; nothing was done.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -58,6 +60,7 @@ impl ErrorCode {
             ErrorCode::BinaryUnsupported => "binary_unsupported",
             ErrorCode::HistoryUnavailable => "history_unavailable",
             ErrorCode::Empty => "empty",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -71,6 +71,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use tungstenite::Message;
 
+use crate::cluster::engine::{EngineConfig, RedisEngine};
 use crate::config::Config;
 use crate::conn::{self, Conn, Endpoint, HandshakeFailed, Inbound, Phase};
 use crate::dispatch::{Clock, Dispatcher, Outbound, Refusal, SessionRequest, Settings};
@@ -87,6 +88,10 @@ use crate::timers::{Kind, Timers};
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+/// Cluster mode: the pipelined command link and the subscription link to
+/// Redis (`cluster/link.rs`).
+const REDIS_COMMANDS: Token = Token(usize::MAX - 4);
+const REDIS_SUBSCRIPTION: Token = Token(usize::MAX - 5);
 
 /// Most frames (data and control alike: a ping costs as much to read as a
 /// message) read from one connection per event. A client that sends
@@ -254,13 +259,18 @@ pub struct Server {
     shedding: Option<u64>,
     started: Instant,
     pub counters: LoopCounters,
+    /// Cluster mode: the Redis engine the dispatcher's requests go to.
+    engine: Option<RedisEngine>,
 }
 
 impl Server {
     /// Bind the listener and set everything up; nothing runs until
     /// [`Server::run`].
     pub fn bind(config: Config) -> Result<Server, ServerError> {
-        let history: Box<dyn History> = if config.persist {
+        let history: Box<dyn History> = if config.redis.is_some() {
+            // History lives in Redis; this one is never asked.
+            Box::new(MemoryHistory::new(0))
+        } else if config.persist {
             crate::store::open(&config).map_err(ServerError::Store)?
         } else {
             Box::new(MemoryHistory::new(config.history_keep))
@@ -315,6 +325,34 @@ impl Server {
             refuse_unkept: config.persist && config.fsync == crate::config::Fsync::Always,
             reply_bytes: config.max_outbox_bytes / 2,
         };
+        let mut dispatcher = Dispatcher::new(settings, history);
+        if config.redis.is_some() {
+            dispatcher = dispatcher.clustered();
+        }
+        let engine = config.redis.as_ref().map(|url| {
+            let node = config.node_id.clone().unwrap_or_else(generated_node_id);
+            log::info!(
+                "cluster mode: node {node}, redis {} (db {}); history lives in Redis, \
+                 --data-dir and --fsync are ignored",
+                url.addr,
+                url.db
+            );
+            let seed = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id());
+            RedisEngine::new(
+                EngineConfig {
+                    url: url.clone(),
+                    node,
+                    ttl_ms: config.node_ttl_ms,
+                    retain: config.retain_messages,
+                },
+                REDIS_COMMANDS,
+                REDIS_SUBSCRIPTION,
+                seed,
+            )
+        });
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -326,7 +364,8 @@ impl Server {
             max_connections,
             conns: Slab::new(),
             next_generation: 1,
-            dispatcher: Dispatcher::new(settings, history),
+            dispatcher,
+            engine,
             out: Outbound::default(),
             timers: Timers::new(),
             dirty: Vec::new(),
@@ -394,6 +433,7 @@ impl Server {
                     LISTENER => self.accept_all(),
                     // The handle set `stop`; acted on after the batch.
                     WAKER => {}
+                    REDIS_COMMANDS | REDIS_SUBSCRIPTION => self.on_engine_ready(event.token()),
                     SIGNALS => {
                         if self.on_signal() {
                             log::warn!("second signal: exiting without waiting");
@@ -409,6 +449,7 @@ impl Server {
             }
             self.continue_reads();
             self.fire_timers();
+            self.tick_engine();
             self.settle();
             // Shutdown starts between batches, so that everything the batch
             // produced (already stored, with ids) is delivered first.
@@ -442,6 +483,7 @@ impl Server {
             self.timers.next_deadline(),
             self.accept_retry_at,
             self.shutdown_deadline,
+            self.engine.as_ref().and_then(RedisEngine::next_deadline),
         ];
         let next = deadlines.into_iter().flatten().min()?;
         Some(Duration::from_millis(next.saturating_sub(self.now_ms())))
@@ -519,18 +561,138 @@ impl Server {
         // delivered, so that with `--fsync always` no message leaves before
         // its record is durable (and one that cannot be made durable is
         // refused instead).
-        self.dispatcher.commit(&mut self.out);
         loop {
-            self.apply();
-            // Before the flush: a connection shed here has its goodbye
-            // queued, and it must go out in this pass like any output.
-            self.check_memory();
-            if self.dirty.is_empty() {
+            // Cluster mode: requests out to Redis, what came back in, before
+            // the commit and the delivery (a no-op on a single node).
+            self.pump_engine();
+            self.dispatcher.commit(&mut self.out);
+            loop {
+                self.apply();
+                // Before the flush: a connection shed here has its goodbye
+                // queued, and it must go out in this pass like any output.
+                self.check_memory();
+                if self.dirty.is_empty() {
+                    break;
+                }
+                self.flush_dirty();
+            }
+            // Sessions that ended while flushing asked the engine to part
+            // and release: those requests must leave in this pass too.
+            if !self.dispatcher.has_requests() {
                 break;
             }
-            self.flush_dirty();
         }
         self.reap();
+    }
+
+    // ---- the cluster engine ---------------------------------------------
+
+    /// Readiness on a Redis link.
+    fn on_engine_ready(&mut self, token: Token) {
+        let now = self.now_ms();
+        let Server {
+            engine: Some(engine),
+            dispatcher,
+            poll,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let wanted = |room: &str| dispatcher.tables().room(room).is_some();
+        engine.on_ready(token, now, poll.registry(), &wanted);
+    }
+
+    /// The engine's deadlines: reconnects, reply deadlines, refreshes.
+    fn tick_engine(&mut self) {
+        let now = self.now_ms();
+        let Server {
+            engine: Some(engine),
+            dispatcher,
+            poll,
+            ..
+        } = self
+        else {
+            return;
+        };
+        if engine.next_deadline().is_some_and(|at| at <= now) {
+            let wanted = |room: &str| dispatcher.tables().room(room).is_some();
+            engine.tick(now, poll.registry(), &wanted);
+        }
+    }
+
+    /// Hand the dispatcher's requests to the engine and its completions and
+    /// publications to the dispatcher, until neither side has more (each
+    /// round is bounded: what the engine answers at once is what it had).
+    fn pump_engine(&mut self) {
+        let now = self.now_ms();
+        loop {
+            let requests = self.dispatcher.take_requests();
+            let Server {
+                engine: Some(engine),
+                dispatcher,
+                poll,
+                out,
+                ..
+            } = self
+            else {
+                return;
+            };
+            let sent = !requests.is_empty();
+            for (ticket, request) in requests {
+                engine.submit(now, ticket, request);
+            }
+            let wanted = |room: &str| dispatcher.tables().room(room).is_some();
+            if sent {
+                engine.flush(now, poll.registry(), &wanted);
+            }
+            let (done, publications) = engine.take();
+            if done.is_empty() && publications.is_empty() {
+                break;
+            }
+            for publication in publications {
+                dispatcher.publication(publication, out);
+            }
+            for completion in done {
+                dispatcher.complete(completion, out);
+            }
+            for (key, result) in self.dispatcher.take_admissions() {
+                self.admitted(key, result);
+            }
+            self.relieve_outbound();
+        }
+    }
+
+    /// A suspended upgrade's name claim was decided: open the session, or
+    /// answer 409 / 503.
+    fn admitted(&mut self, key: usize, result: Result<(), Refusal>) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Claiming { .. } = conn.phase else {
+            return;
+        };
+        let Phase::Claiming {
+            wire,
+            buf,
+            head_len,
+        } = std::mem::replace(&mut conn.phase, Phase::Taken)
+        else {
+            return;
+        };
+        conn.phase = Phase::Head { wire, buf };
+        match result {
+            Ok(()) => self.upgrade(key, head_len, Endpoint::Chat),
+            Err(refusal) => {
+                let why = match refusal {
+                    Refusal::Taken => Reject::Taken,
+                    Refusal::Unavailable => Reject::ClusterDown,
+                    Refusal::BadUsername | Refusal::BadRoom => Reject::Username,
+                };
+                self.counters.reject(why);
+                self.answer(key, refusal_answer(&refusal));
+            }
+        }
     }
 
     /// Deliver early when one batch has produced a great many deliveries
@@ -650,6 +812,9 @@ impl Server {
         };
         match conn.phase {
             Phase::Head { .. } => self.read_head(key),
+            // The claim decides; the client's bytes wait in the socket and
+            // are read when the session opens.
+            Phase::Claiming { .. } => {}
             Phase::Open(_) | Phase::Closing(_) => self.read_frames(key),
             Phase::Linger { .. } => self.drain_lingering(key),
             // Both close frames are out: nothing more is read, the
@@ -743,7 +908,9 @@ impl Server {
         let plain = match (head.path.as_str(), upgrade) {
             ("/ws" | "/", true) => Ok(Endpoint::Chat),
             ("/echo", true) if self.config.echo => Ok(Endpoint::Echo),
-            ("/healthz", _) => Err(if self.dispatcher.history_ref().healthy() {
+            ("/healthz", _) => Err(if self.engine.as_ref().is_some_and(|e| !e.healthy()) {
+                http::text(503, "cluster store (Redis) unreachable")
+            } else if self.dispatcher.history_ref().healthy() {
                 http::text(200, "ok")
             } else {
                 http::text(503, "history store is failing")
@@ -787,31 +954,55 @@ impl Server {
             Err(body) if head_only => return self.answer(key, http::without_body(body)),
             Err(body) => return self.answer(key, body),
         };
-        if let Err((why, status, text)) = self.check_upgrade(key, &head, endpoint) {
-            self.counters.reject(why);
-            let body = if status == 426 {
-                http::answer(
-                    426,
-                    "text/plain; charset=utf-8",
-                    format!("{text}\n").as_bytes(),
-                    &[("Sec-WebSocket-Version", "13")],
-                )
-            } else {
-                http::text(status, &text)
-            };
-            return self.answer(key, body);
+        let wait = match self.check_upgrade(key, &head, endpoint) {
+            Ok(wait) => wait,
+            Err((why, status, text)) => {
+                self.counters.reject(why);
+                let body = match status {
+                    426 => http::answer(
+                        426,
+                        "text/plain; charset=utf-8",
+                        format!("{text}\n").as_bytes(),
+                        &[("Sec-WebSocket-Version", "13")],
+                    ),
+                    503 => http::answer(
+                        503,
+                        "text/plain; charset=utf-8",
+                        format!("{text}\n").as_bytes(),
+                        &[("Retry-After", "2")],
+                    ),
+                    _ => http::text(status, &text),
+                };
+                return self.answer(key, body);
+            }
+        };
+        if wait {
+            // The suspended handshake: the name is being claimed across
+            // the cluster; `admitted` resumes it.
+            if let Some(conn) = self.conns.get_mut(key) {
+                if let Phase::Head { wire, buf } = std::mem::replace(&mut conn.phase, Phase::Taken)
+                {
+                    conn.phase = Phase::Claiming {
+                        wire,
+                        buf,
+                        head_len: head.len,
+                    };
+                }
+            }
+            return;
         }
-        self.upgrade(key, head, endpoint);
+        self.upgrade(key, head.len, endpoint);
     }
 
     /// The checks an upgrade must pass before any 101: version, origin,
-    /// token, username. On success a chat connection holds its name.
+    /// token, username. On success a chat connection holds its name; true
+    /// when it must first wait for the cluster-wide claim of that name.
     fn check_upgrade(
         &mut self,
         key: usize,
         head: &Head,
         endpoint: Endpoint,
-    ) -> Result<(), (Reject, u16, String)> {
+    ) -> Result<bool, (Reject, u16, String)> {
         match head.upgrade_problem() {
             None => {}
             Some(http::UpgradeProblem::Version) => {
@@ -842,7 +1033,14 @@ impl Server {
             }
         }
         if endpoint == Endpoint::Echo {
-            return Ok(());
+            return Ok(false);
+        }
+        if self.engine.as_ref().is_some_and(|e| !e.healthy()) {
+            return Err((
+                Reject::ClusterDown,
+                503,
+                "cluster store (Redis) unreachable, retry later".into(),
+            ));
         }
         let query = head.query.as_deref();
         let param = |name: &str| -> Result<Option<String>, (Reject, u16, String)> {
@@ -889,6 +1087,7 @@ impl Server {
             Err(refusal) => {
                 let why = match refusal {
                     Refusal::Taken => Reject::Taken,
+                    Refusal::Unavailable => Reject::ClusterDown,
                     Refusal::BadUsername | Refusal::BadRoom => Reject::Username,
                 };
                 return Err((why, refusal.status(), refusal.explain()));
@@ -897,12 +1096,12 @@ impl Server {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.since = since;
         }
-        Ok(())
+        Ok(self.dispatcher.is_clustered())
     }
 
     /// Hand the head to tungstenite and open the session: the 101 is queued
     /// and the dispatcher greets the member.
-    fn upgrade(&mut self, key: usize, head: Head, endpoint: Endpoint) {
+    fn upgrade(&mut self, key: usize, head_len: usize, endpoint: Endpoint) {
         if self.memory_tight() {
             // As cheap as the 503 for --max-connections: nothing of the
             // session is built. `leave` releases the name `admit` claimed.
@@ -923,7 +1122,7 @@ impl Server {
             return;
         };
         conn.endpoint = endpoint;
-        let early = buf.split_off(head.len);
+        let early = buf.split_off(head_len);
         match conn::start_handshake(wire, buf, early, self.ws_config) {
             Ok(ws) => {
                 conn.phase = Phase::Open(ws);
@@ -1514,7 +1713,7 @@ impl Server {
             // keep it so if a future change forgets to re-arm.
             match timer.kind {
                 Kind::Handshake => {
-                    if matches!(conn.phase, Phase::Head { .. }) {
+                    if matches!(conn.phase, Phase::Head { .. } | Phase::Claiming { .. }) {
                         log::debug!("conn #{key}: handshake timeout");
                         self.counters.reject(Reject::HandshakeTimeout);
                         self.leave(key, Exit::Drop);
@@ -1602,7 +1801,7 @@ impl Server {
                 Some(Phase::Open(_)) => {
                     self.leave(key, Exit::Goodbye(1001, "server shutting down"))
                 }
-                Some(Phase::Head { .. }) => self.leave(key, Exit::Drop),
+                Some(Phase::Head { .. } | Phase::Claiming { .. }) => self.leave(key, Exit::Drop),
                 _ => {}
             }
         }
@@ -1673,8 +1872,51 @@ impl Server {
             cpu_ms,
             memory_limit_bytes: self.memory.as_ref().map_or(0, |m| m.limit) as u64,
             memory_used_bytes: self.memory.as_ref().map_or(memory::held(), Account::used) as u64,
+            cluster: self.cluster_fields(),
         }
     }
+
+    /// `/stats` fields of cluster mode (none on a single node).
+    fn cluster_fields(&self) -> Vec<(&'static str, u64)> {
+        let Some(engine) = &self.engine else {
+            return Vec::new();
+        };
+        let c = &engine.counters;
+        vec![
+            ("redis_connected", u64::from(engine.healthy())),
+            ("nodes", engine.nodes()),
+            ("cluster_waiting", self.dispatcher.waiting() as u64),
+            ("redis_in_flight", engine.in_flight() as u64),
+            ("redis_commands", c.commands),
+            ("redis_publications", c.publications),
+            ("redis_fills", c.fills),
+            ("redis_filled_messages", c.filled),
+            ("redis_link_failures", c.link_failures),
+        ]
+    }
+}
+
+/// The HTTP answer to a refused upgrade.
+fn refusal_answer(refusal: &Refusal) -> Vec<u8> {
+    let text = format!("{}\n", refusal.explain());
+    match refusal {
+        Refusal::Unavailable => http::answer(
+            503,
+            "text/plain; charset=utf-8",
+            text.as_bytes(),
+            &[("Retry-After", "2")],
+        ),
+        _ => http::text(refusal.status(), &refusal.explain()),
+    }
+}
+
+/// A node id unique per process: host-independent, from the pid and the
+/// start time.
+fn generated_node_id() -> String {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    format!("n{}-{:x}", std::process::id(), t & 0xff_ffff)
 }
 
 /// Find the username for `token`, comparing against every token in

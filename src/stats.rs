@@ -24,10 +24,12 @@ pub enum Reject {
     HandshakeTimeout,
     /// An upgrade near `--memory-limit`.
     Memory,
+    /// Cluster mode: Redis unreachable (503).
+    ClusterDown,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 13] = [
         Reject::OverLimit,
         Reject::BadRequest,
         Reject::HeadTooLarge,
@@ -40,6 +42,7 @@ impl Reject {
         Reject::HandshakeFailed,
         Reject::HandshakeTimeout,
         Reject::Memory,
+        Reject::ClusterDown,
     ];
 
     pub fn label(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Reject {
             Reject::HandshakeFailed => "handshake_failed",
             Reject::HandshakeTimeout => "handshake_timeout",
             Reject::Memory => "memory",
+            Reject::ClusterDown => "cluster_unavailable",
         }
     }
 }
@@ -138,6 +142,9 @@ pub struct Snapshot {
     pub memory_limit_bytes: u64,
     /// What the memory account holds (the heap, see `memory.rs`).
     pub memory_used_bytes: u64,
+    /// Cluster mode only (empty otherwise): `redis_connected`, `nodes`
+    /// and the engine's counters, shown as top-level fields.
+    pub cluster: Vec<(&'static str, u64)>,
 }
 
 /// This process's resident memory (bytes) and CPU time (ms), from
@@ -192,7 +199,7 @@ impl Snapshot {
             .map(|(k, v)| (k.to_string(), (*v).into()))
             .collect();
         let l = &self.loops;
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "connections": self.connections,
             "rooms": self.rooms,
             "messages": self.messages,
@@ -228,8 +235,13 @@ impl Snapshot {
             "memory_used_bytes": self.memory_used_bytes,
             "memory_sheds": l.memory_sheds,
             "memory_episodes": l.memory_episodes,
-        })
-        .to_string()
+        });
+        if let Some(fields) = body.as_object_mut() {
+            for (name, value) in &self.cluster {
+                fields.insert(name.to_string(), (*value).into());
+            }
+        }
+        body.to_string()
     }
 
     /// The `/metrics` body (Prometheus text exposition format 0.0.4).
@@ -268,6 +280,14 @@ impl Snapshot {
             &[("", self.max_connections)],
         );
         metric("rooms", "gauge", "Live rooms.", &[("", self.rooms)]);
+        for (name, value) in &self.cluster {
+            metric(
+                name,
+                "gauge",
+                "Cluster mode (docs/cluster.md).",
+                &[("", *value)],
+            );
+        }
         metric(
             "memory_limit_bytes",
             "gauge",

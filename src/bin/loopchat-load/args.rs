@@ -38,6 +38,9 @@ pub struct Options {
     pub scenario: Scenario,
     pub target: Target,
     pub url: String,
+    /// Every `--url` (it may repeat: fanout worker `i` uses the `i % n`th,
+    /// so `--threads` a multiple of n spreads members over cluster nodes).
+    pub targets: Vec<Target>,
     pub threads: usize,
     pub src_addrs: u32,
     pub duration_s: f64,
@@ -106,7 +109,8 @@ SCENARIOS
            (with --pid)
 
 COMMON FLAGS (default in brackets)
-  --url URL               server WebSocket URL, loopback only [ws://127.0.0.1:8080/ws]
+  --url URL               server WebSocket URL, loopback only [ws://127.0.0.1:8080/ws];
+                          fanout: may repeat, worker i uses the (i mod n)th
   --threads N             event-loop threads, connections split round-robin [1]
   --src-addrs N           spread connections over source addresses 127.0.0.2..
                           127.0.0.(N+1); 0 = let the kernel pick [8]
@@ -185,6 +189,7 @@ pub fn parse(
         scenario: Scenario::Idle,
         target: Target::parse(&url)?,
         url: String::new(),
+        targets: Vec::new(),
         threads: 1,
         src_addrs: 8,
         duration_s: 120.0,
@@ -229,7 +234,10 @@ pub fn parse(
         };
         match flag.as_str() {
             "help" => return Err(ArgsError::Help),
-            "url" => url = value(&mut parser, &flag)?,
+            "url" => {
+                url = value(&mut parser, &flag)?;
+                o.targets.push(Target::parse(&url)?);
+            }
             "threads" => o.threads = value(&mut parser, &flag)?,
             "src-addrs" => o.src_addrs = value(&mut parser, &flag)?,
             "duration-s" => o.duration_s = value(&mut parser, &flag)?,
@@ -277,10 +285,23 @@ pub fn parse(
             }
         }
     }
-    o.target = Target::parse(&url)?;
+    o.target = match o.targets.first() {
+        Some(first) => first.clone(),
+        None => Target::parse(&url)?,
+    };
     o.url = url;
     check(&o)?;
     Ok(o)
+}
+
+impl Options {
+    /// The target of fanout worker `index`.
+    pub fn target_for(&self, index: usize) -> &Target {
+        match self.targets.len() {
+            0 => &self.target,
+            n => &self.targets[index % n],
+        }
+    }
 }
 
 fn check(o: &Options) -> Result<(), ArgsError> {

@@ -132,9 +132,13 @@ fn parse_content(c: &str) -> Option<(u64, u64, u64)> {
 
 fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) =
-        Driver::<usize>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-            .map_err(|e| format!("cannot create the event loop: {e}"))?;
+    let (mut d, waker) = Driver::<usize>::new(
+        Arc::new(o.target_for(w.index).clone()),
+        o.src_addrs,
+        w.index,
+        timeout,
+    )
+    .map_err(|e| format!("cannot create the event loop: {e}"))?;
     w.note(Note::Ready(waker));
     let c = &w.shared.counters;
     let mut members: Vec<Member> = w

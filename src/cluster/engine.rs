@@ -1,0 +1,1120 @@
+//! The Redis engine: what the dispatcher asks of the shared state, carried
+//! out as Redis commands and scripts on two links (one pipelined command
+//! link, one subscription link), and what Redis sends back, turned into
+//! completions and publications.
+//!
+//! # Keys (prefix `lc:`; `docs/cluster.md` has sizes and expiry)
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `lc:seq:{room}` | string | the room's last message id |
+//! | `lc:log:{room}` | sorted set | score id, member `"{node} {ticket} {json}"`, trimmed to `--retain-messages` |
+//! | `lc:user:{name}` | string | the node holding the name |
+//! | `lc:names:{node}` | set | names a node holds |
+//! | `lc:members:{room}` | hash | member name → node |
+//! | `lc:node:{node}` | set | `"{room} {name}"` memberships of a node's members |
+//! | `lc:rooms` | sorted set | room → member count, cluster-wide |
+//! | `lc:nodes` | sorted set | node → last refresh (Redis's clock, ms) |
+//! | channel `lc:{db}:events` | pub/sub | `M {room} {id} {entry}`, `P {room} {json}`, `D {to} {json}` |
+//!
+//! Every write that must be atomic is one Lua script (loaded with SCRIPT
+//! LOAD, called with EVALSHA, resent as EVAL on NOSCRIPT). Message
+//! acceptance is one script: id, history append, trim and publication, so
+//! the id order, the stored order and the published order are the same.
+//!
+//! Owns the two links and the id tracking; knows nothing about members or
+//! sockets of clients.
+
+use std::rc::Rc;
+
+use mio::{Registry, Token};
+use serde_json::value::RawValue;
+
+use super::gap::{Entry, Fill, Sequences, FILL_BATCH};
+use super::link::{Link, LinkEvent, Role};
+use super::resp::Reply;
+use super::url::RedisUrl;
+use super::{Answer, Completion, Publication, Request, Ticket, Unavailable};
+use crate::store::Kept;
+
+/// Key prefix of everything loopchat writes.
+pub const PREFIX: &str = "lc:";
+
+/// Most messages in one publish script call (each is three arguments; Lua
+/// unpacks the sorted-set arguments onto its stack, which holds 8,000).
+const MAX_BATCH: usize = 256;
+
+/// How often the subscription link is pinged: a subscription that stopped
+/// being served is noticed within this plus the reply deadline.
+const PING_EVERY_MS: u64 = 1_000;
+
+/// The engine's settings (from `--redis`, `--node-id`, `--node-ttl-ms`,
+/// `--retain-messages`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub url: RedisUrl,
+    pub node: String,
+    pub ttl_ms: u64,
+    pub retain: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Script {
+    Publish,
+    Enter,
+    Part,
+    Claim,
+    Release,
+    Direct,
+    Refresh,
+    Resync,
+}
+
+impl Script {
+    const ALL: [Script; 8] = [
+        Script::Publish,
+        Script::Enter,
+        Script::Part,
+        Script::Claim,
+        Script::Release,
+        Script::Direct,
+        Script::Refresh,
+        Script::Resync,
+    ];
+
+    fn body(self) -> &'static str {
+        match self {
+            Script::Publish => PUBLISH_LUA,
+            Script::Enter => ENTER_LUA,
+            Script::Part => PART_LUA,
+            Script::Claim => CLAIM_LUA,
+            Script::Release => RELEASE_LUA,
+            Script::Direct => DIRECT_LUA,
+            Script::Refresh => REFRESH_LUA,
+            Script::Resync => RESYNC_LUA,
+        }
+    }
+}
+
+/// Id, history append, trim and publication of a batch of messages of one
+/// room (those a node accepted in one pass), atomically. Each id is one
+/// above the previous; the first is one above the larger of the stored
+/// counter and the node's high-water mark, so that ids continue above every
+/// id served even when Redis came back empty. One publication carries the
+/// whole batch, one record a line (JSON has no raw newline).
+const PUBLISH_LUA: &str = r#"
+local id = tonumber(redis.call('GET', KEYS[1]) or '0')
+local hwm = tonumber(ARGV[2])
+if hwm > id then id = hwm end
+local n = tonumber(ARGV[5])
+local zargs = {}
+local lines = {}
+local ids = {}
+for i = 0, n - 1 do
+  id = id + 1
+  local sid = string.format('%d', id)
+  local entry = ARGV[6 + 3 * i] .. ' ' .. ARGV[7 + 3 * i] .. sid .. ARGV[8 + 3 * i]
+  zargs[#zargs + 1] = sid
+  zargs[#zargs + 1] = entry
+  lines[#lines + 1] = 'M ' .. ARGV[1] .. ' ' .. sid .. ' ' .. entry
+  ids[#ids + 1] = id
+end
+redis.call('SET', KEYS[1], string.format('%d', id))
+redis.call('ZADD', KEYS[2], unpack(zargs))
+local keep = tonumber(ARGV[3])
+if redis.call('ZCARD', KEYS[2]) > keep then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(keep + 1))
+end
+redis.call('PUBLISH', ARGV[4], table.concat(lines, '\n'))
+return ids
+"#;
+
+/// Membership, the join notice (once), and the joiner's view: last id,
+/// backlog, members; one script so the backlog and the notice agree.
+const ENTER_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[2]) ~= ARGV[3] then
+  if redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) == 1 then
+    redis.call('ZINCRBY', KEYS[3], 1, ARGV[1])
+  end
+  redis.call('SADD', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
+  redis.call('PUBLISH', ARGV[6], 'P ' .. ARGV[1] .. ' ' .. ARGV[7])
+end
+local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+local max = tonumber(ARGV[5])
+local backlog = {}
+if max > 0 then
+  if ARGV[4] ~= '' then
+    backlog = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. ARGV[4], '+inf', 'WITHSCORES', 'LIMIT', 0, max)
+  else
+    backlog = redis.call('ZREVRANGE', KEYS[5], 0, max - 1, 'WITHSCORES')
+  end
+end
+return {last, backlog, redis.call('HKEYS', KEYS[1])}
+"#;
+
+const PART_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[2]) == ARGV[3] then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  if tonumber(redis.call('ZINCRBY', KEYS[3], -1, ARGV[1])) <= 0 then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+  end
+  redis.call('PUBLISH', ARGV[4], 'P ' .. ARGV[1] .. ' ' .. ARGV[5])
+end
+redis.call('SREM', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
+return 1
+"#;
+
+const CLAIM_LUA: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+const RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
+"#;
+
+const DIRECT_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('PUBLISH', ARGV[3], 'D ' .. ARGV[1] .. ' ' .. ARGV[2])
+return 1
+"#;
+
+/// The node's liveness, and the sweep of nodes gone quiet for the ttl:
+/// their members leave (one notice each) and their names are freed. One
+/// script, so two surviving nodes never both announce the same leave.
+const REFRESH_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], string.format('%d', now), ARGV[1])
+local p = ARGV[4]
+local cut = string.format('%d', now - tonumber(ARGV[2]))
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cut)
+for _, d in ipairs(dead) do
+  for _, e in ipairs(redis.call('SMEMBERS', p .. 'node:' .. d)) do
+    local sp = string.find(e, ' ', 1, true)
+    if sp then
+      local room = string.sub(e, 1, sp - 1)
+      local name = string.sub(e, sp + 1)
+      local mk = p .. 'members:' .. room
+      if redis.call('HGET', mk, name) == d then
+        redis.call('HDEL', mk, name)
+        if tonumber(redis.call('ZINCRBY', p .. 'rooms', -1, room)) <= 0 then
+          redis.call('ZREM', p .. 'rooms', room)
+        end
+        redis.call('PUBLISH', ARGV[3], 'P ' .. room .. ' {"type":"leave","content":"' .. name .. ' left","room":"' .. room .. '","user":"' .. name .. '"}')
+      end
+    end
+  end
+  for _, n in ipairs(redis.call('SMEMBERS', p .. 'names:' .. d)) do
+    if redis.call('GET', p .. 'user:' .. n) == d then redis.call('DEL', p .. 'user:' .. n) end
+  end
+  redis.call('DEL', p .. 'node:' .. d, p .. 'names:' .. d)
+  redis.call('ZREM', KEYS[1], d)
+end
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// After a (re)connect: make Redis's view of this node's members what the
+/// node holds. Memberships and names Redis has for this node id but the
+/// node does not (left during an outage, or a previous process with the
+/// same `--node-id`) go, with one `leave` notice each; what the node holds
+/// is put back without notices (presence in an outage is not replayed).
+const RESYNC_LUA: &str = r#"
+local node = ARGV[1]
+local p = ARGV[2]
+local n = tonumber(ARGV[3])
+local ch = ARGV[4]
+local names = {}
+for i = 5, 4 + n do names[ARGV[i]] = true end
+local want = {}
+for i = 5 + n, #ARGV do want[ARGV[i]] = true end
+for _, e in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not want[e] then
+    local sp = string.find(e, ' ', 1, true)
+    if sp then
+      local room = string.sub(e, 1, sp - 1)
+      local name = string.sub(e, sp + 1)
+      local mk = p .. 'members:' .. room
+      if redis.call('HGET', mk, name) == node then
+        redis.call('HDEL', mk, name)
+        if tonumber(redis.call('ZINCRBY', p .. 'rooms', -1, room)) <= 0 then
+          redis.call('ZREM', p .. 'rooms', room)
+        end
+        redis.call('PUBLISH', ch, 'P ' .. room .. ' {"type":"leave","content":"' .. name .. ' left","room":"' .. room .. '","user":"' .. name .. '"}')
+      end
+    end
+    redis.call('SREM', KEYS[1], e)
+  end
+end
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not names[name] then
+    if redis.call('GET', p .. 'user:' .. name) == node then redis.call('DEL', p .. 'user:' .. name) end
+    redis.call('SREM', KEYS[2], name)
+  end
+end
+for name, _ in pairs(names) do
+  redis.call('SET', p .. 'user:' .. name, node, 'NX')
+  redis.call('SADD', KEYS[2], name)
+end
+for e, _ in pairs(want) do
+  local sp = string.find(e, ' ', 1, true)
+  if sp then
+    local room = string.sub(e, 1, sp - 1)
+    local name = string.sub(e, sp + 1)
+    local mk = p .. 'members:' .. room
+    if redis.call('HGET', mk, name) ~= node then
+      if redis.call('HSET', mk, name, node) == 1 then
+        redis.call('ZINCRBY', p .. 'rooms', 1, room)
+      end
+    end
+    redis.call('SADD', KEYS[1], e)
+  end
+end
+return 1
+"#;
+
+/// A message waiting for its room's batch: ticket, JSON before and after
+/// the id.
+type Unsent = (Ticket, String, String);
+
+/// What a reply on the command link answers.
+#[derive(Debug)]
+enum Tag {
+    /// A dispatcher request; `eval` is kept for a NOSCRIPT resend.
+    Req {
+        ticket: Ticket,
+        op: Op,
+        eval: Option<Eval>,
+    },
+    Load(Script),
+    Fill(Rc<str>),
+    Refresh,
+}
+
+#[derive(Debug)]
+struct Eval {
+    script: Script,
+    /// numkeys, keys, then arguments.
+    args: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Claim,
+    Enter {
+        room: Rc<str>,
+        since: bool,
+    },
+    /// A batch of messages of `room`, in submission order.
+    Publish {
+        room: Rc<str>,
+        tickets: Vec<Ticket>,
+    },
+    Page,
+    Who,
+    Rooms,
+    Direct,
+    /// No completion is wanted (release, part, resync).
+    Quiet,
+}
+
+/// Running totals for `/stats`.
+#[derive(Debug, Default, Clone)]
+pub struct EngineCounters {
+    pub commands: u64,
+    pub publications: u64,
+    pub fills: u64,
+    pub filled: u64,
+    pub link_failures: u64,
+    pub noscript: u64,
+}
+
+/// The engine.
+pub struct RedisEngine {
+    cfg: EngineConfig,
+    channel: String,
+    cmd: Link<Tag>,
+    sub: Link<()>,
+    shas: Vec<Option<String>>,
+    seqs: Sequences,
+    /// Messages submitted this pass, sent per room at the flush.
+    batch: Vec<(Ticket, Rc<str>, String, String)>,
+    completions: Vec<Completion>,
+    publications: Vec<Publication>,
+    events: Vec<LinkEvent<Tag>>,
+    sub_events: Vec<LinkEvent<()>>,
+    next_refresh: u64,
+    next_ping: u64,
+    nodes: u64,
+    /// Both links were ready after the last events (for the log line).
+    was_healthy: bool,
+    pub counters: EngineCounters,
+}
+
+impl RedisEngine {
+    pub fn new(cfg: EngineConfig, cmd_token: Token, sub_token: Token, seed: u64) -> Self {
+        let channel = format!("{PREFIX}{}:events", cfg.url.db);
+        RedisEngine {
+            cmd: Link::new(cmd_token, Role::Commands, seed),
+            sub: Link::new(
+                sub_token,
+                Role::Subscriber {
+                    channel: channel.clone(),
+                },
+                seed.rotate_left(17),
+            ),
+            channel,
+            shas: vec![None; Script::ALL.len()],
+            seqs: Sequences::new(),
+            batch: Vec::new(),
+            completions: Vec::new(),
+            publications: Vec::new(),
+            events: Vec::new(),
+            sub_events: Vec::new(),
+            next_refresh: 0,
+            next_ping: 0,
+            nodes: 0,
+            was_healthy: false,
+            counters: EngineCounters::default(),
+            cfg,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    /// Both links are ready: requests can be served.
+    pub fn healthy(&self) -> bool {
+        self.cmd.is_ready() && self.sub.is_ready()
+    }
+
+    /// Live nodes as of the last refresh (this one included).
+    pub fn nodes(&self) -> u64 {
+        if self.healthy() {
+            self.nodes
+        } else {
+            0
+        }
+    }
+
+    pub fn link_states(&self) -> (&'static str, &'static str) {
+        (self.cmd.machine.name(), self.sub.machine.name())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.cmd.in_flight()
+    }
+
+    /// Whether `token` is one of the engine's links.
+    pub fn owns(&self, token: Token) -> bool {
+        token == self.cmd.token || token == self.sub.token
+    }
+
+    /// The nearest time [`RedisEngine::tick`] must run.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut next = [self.cmd.next_deadline(), self.sub.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        if self.cmd.is_ready() {
+            next = Some(next.map_or(self.next_refresh, |n| n.min(self.next_refresh)));
+        }
+        if self.sub.is_ready() {
+            next = Some(next.map_or(self.next_ping, |n| n.min(self.next_ping)));
+        }
+        next
+    }
+
+    /// Deadlines and periodic work: reconnects, reply deadlines, the
+    /// liveness refresh, the subscription ping.
+    pub fn tick(&mut self, now: u64, registry: &Registry, wanted: &dyn Fn(&str) -> bool) {
+        let url = self.cfg.url.clone();
+        let mut events = std::mem::take(&mut self.events);
+        self.cmd.tick(now, registry, &url, &mut events);
+        let mut sub_events = std::mem::take(&mut self.sub_events);
+        self.sub.tick(now, registry, &url, &mut sub_events);
+        if self.sub.is_ready() && now >= self.next_ping {
+            self.sub.ping(now);
+            self.next_ping = now + PING_EVERY_MS;
+            self.sub.flush_or_fail(now, registry, &mut sub_events);
+        }
+        if self.cmd.is_ready() && now >= self.next_refresh {
+            self.refresh(now);
+        }
+        self.cmd.flush_or_fail(now, registry, &mut events);
+        self.absorb(now, registry, events, sub_events, wanted);
+    }
+
+    /// Readiness on one of the engine's tokens.
+    pub fn on_ready(
+        &mut self,
+        token: Token,
+        now: u64,
+        registry: &Registry,
+        wanted: &dyn Fn(&str) -> bool,
+    ) {
+        let url = self.cfg.url.clone();
+        let mut events = std::mem::take(&mut self.events);
+        let mut sub_events = std::mem::take(&mut self.sub_events);
+        if token == self.cmd.token {
+            self.cmd.on_ready(now, registry, &url, &mut events);
+        } else if token == self.sub.token {
+            self.sub.on_ready(now, registry, &url, &mut sub_events);
+        }
+        self.absorb(now, registry, events, sub_events, wanted);
+    }
+
+    /// Write what requests queued. Call once per pass after submitting.
+    pub fn flush(&mut self, now: u64, registry: &Registry, wanted: &dyn Fn(&str) -> bool) {
+        self.send_batches(now);
+        let mut events = std::mem::take(&mut self.events);
+        self.cmd.flush_or_fail(now, registry, &mut events);
+        let sub_events = std::mem::take(&mut self.sub_events);
+        self.absorb(now, registry, events, sub_events, wanted);
+    }
+
+    /// Completions and publications gathered since the last call.
+    pub fn take(&mut self) -> (Vec<Completion>, Vec<Publication>) {
+        (
+            std::mem::take(&mut self.completions),
+            std::mem::take(&mut self.publications),
+        )
+    }
+
+    /// Carry out one request. A request that cannot even be sent completes
+    /// at once with [`Unavailable::NotSent`].
+    pub fn submit(&mut self, now: u64, ticket: Ticket, request: Request) {
+        let quiet = matches!(
+            request,
+            Request::Release { .. } | Request::Part { .. } | Request::Resync { .. }
+        );
+        if !quiet && !self.healthy() {
+            // Either link down is "Redis unreachable" for the client (the
+            // same rule as /healthz): nothing is sent, so nothing was done.
+            // What expects no answer still goes when the command link is
+            // up, so that presence stays right.
+            self.completions.push(Completion {
+                ticket,
+                result: Err(Unavailable::NotSent),
+            });
+            return;
+        }
+        let p = PREFIX;
+        let node = self.cfg.node.clone();
+        let ch = self.channel.clone();
+        let (op, script, keys, argv): (Op, Option<Script>, Vec<String>, Vec<Vec<u8>>) =
+            match request {
+                Request::Claim { name } => (
+                    Op::Claim,
+                    Some(Script::Claim),
+                    vec![format!("{p}user:{name}"), format!("{p}names:{node}")],
+                    vec![node.into(), name.as_bytes().to_vec()],
+                ),
+                Request::Release { name } => (
+                    Op::Quiet,
+                    Some(Script::Release),
+                    vec![format!("{p}user:{name}"), format!("{p}names:{node}")],
+                    vec![node.into(), name.as_bytes().to_vec()],
+                ),
+                Request::Enter {
+                    room,
+                    name,
+                    since,
+                    max,
+                    notice,
+                } => (
+                    Op::Enter {
+                        room: room.clone(),
+                        since: since.is_some(),
+                    },
+                    Some(Script::Enter),
+                    vec![
+                        format!("{p}members:{room}"),
+                        format!("{p}node:{node}"),
+                        format!("{p}rooms"),
+                        format!("{p}seq:{room}"),
+                        format!("{p}log:{room}"),
+                    ],
+                    vec![
+                        room.as_bytes().to_vec(),
+                        name.as_bytes().to_vec(),
+                        node.into(),
+                        since.map_or_else(Vec::new, |s| s.to_string().into_bytes()),
+                        max.to_string().into_bytes(),
+                        ch.into(),
+                        notice.into(),
+                    ],
+                ),
+                Request::Part { room, name, notice } => (
+                    Op::Quiet,
+                    Some(Script::Part),
+                    vec![
+                        format!("{p}members:{room}"),
+                        format!("{p}node:{node}"),
+                        format!("{p}rooms"),
+                    ],
+                    vec![
+                        room.as_bytes().to_vec(),
+                        name.as_bytes().to_vec(),
+                        node.into(),
+                        ch.into(),
+                        notice.into(),
+                    ],
+                ),
+                Request::Publish {
+                    room,
+                    prefix,
+                    suffix,
+                } => {
+                    // Sent at the next flush, with the other messages of
+                    // the room from this pass.
+                    self.batch.push((ticket, room, prefix, suffix));
+                    return;
+                }
+                Request::Direct { to, json } => (
+                    Op::Direct,
+                    Some(Script::Direct),
+                    vec![format!("{p}user:{to}")],
+                    vec![to.into_bytes(), json.into(), ch.into()],
+                ),
+                Request::Resync { names, memberships } => {
+                    let mut argv: Vec<Vec<u8>> = vec![
+                        node.clone().into(),
+                        p.into(),
+                        names.len().to_string().into_bytes(),
+                        ch.clone().into(),
+                    ];
+                    argv.extend(names.iter().map(|n| n.as_bytes().to_vec()));
+                    argv.extend(
+                        memberships
+                            .iter()
+                            .map(|(room, name)| format!("{room} {name}").into_bytes()),
+                    );
+                    (
+                        Op::Quiet,
+                        Some(Script::Resync),
+                        vec![format!("{p}node:{node}"), format!("{p}names:{node}")],
+                        argv,
+                    )
+                }
+                Request::Page {
+                    room,
+                    before,
+                    limit,
+                } => {
+                    let top = before.map_or_else(|| "+inf".to_string(), |b| format!("({b}"));
+                    let args: Vec<Vec<u8>> = vec![
+                        b"ZREVRANGEBYSCORE".to_vec(),
+                        format!("{p}log:{room}").into(),
+                        top.into(),
+                        b"-inf".to_vec(),
+                        b"WITHSCORES".to_vec(),
+                        b"LIMIT".to_vec(),
+                        b"0".to_vec(),
+                        limit.to_string().into(),
+                    ];
+                    return self.plain(now, ticket, Op::Page, &args);
+                }
+                Request::Who { room } => {
+                    let args = [b"HKEYS".to_vec(), format!("{p}members:{room}").into()];
+                    return self.plain(now, ticket, Op::Who, &args);
+                }
+                Request::Rooms => {
+                    let args: Vec<Vec<u8>> = vec![
+                        b"ZREVRANGE".to_vec(),
+                        format!("{p}rooms").into(),
+                        b"0".to_vec(),
+                        b"999".to_vec(),
+                        b"WITHSCORES".to_vec(),
+                    ];
+                    return self.plain(now, ticket, Op::Rooms, &args);
+                }
+            };
+        let Some(script) = script else {
+            return;
+        };
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + keys.len() + argv.len());
+        args.push(keys.len().to_string().into_bytes());
+        args.extend(keys.into_iter().map(String::into_bytes));
+        args.extend(argv);
+        let eval = Eval { script, args };
+        self.eval(now, ticket, op, eval);
+    }
+
+    /// One publish script call per room for the messages submitted since
+    /// the last flush (at most [`MAX_BATCH`] per call).
+    fn send_batches(&mut self, now: u64) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut rooms: Vec<(Rc<str>, Vec<Unsent>)> = Vec::new();
+        let mut index: std::collections::HashMap<Rc<str>, usize> = Default::default();
+        for (ticket, room, prefix, suffix) in std::mem::take(&mut self.batch) {
+            let at = *index.entry(room.clone()).or_insert_with(|| {
+                rooms.push((room.clone(), Vec::new()));
+                rooms.len() - 1
+            });
+            rooms[at].1.push((ticket, prefix, suffix));
+        }
+        let p = PREFIX;
+        let node = self.cfg.node.clone();
+        for (room, messages) in rooms {
+            for chunk in messages.chunks(MAX_BATCH) {
+                let hwm = self.seqs.high(&room);
+                let mut args: Vec<Vec<u8>> = vec![
+                    b"2".to_vec(),
+                    format!("{p}seq:{room}").into_bytes(),
+                    format!("{p}log:{room}").into_bytes(),
+                    room.as_bytes().to_vec(),
+                    hwm.to_string().into_bytes(),
+                    self.cfg.retain.to_string().into_bytes(),
+                    self.channel.clone().into_bytes(),
+                    chunk.len().to_string().into_bytes(),
+                ];
+                for (ticket, prefix, suffix) in chunk {
+                    args.push(format!("{node} {ticket}").into_bytes());
+                    args.push(prefix.clone().into_bytes());
+                    args.push(suffix.clone().into_bytes());
+                }
+                let tickets: Vec<Ticket> = chunk.iter().map(|(t, _, _)| *t).collect();
+                let op = Op::Publish {
+                    room: room.clone(),
+                    tickets,
+                };
+                let eval = Eval {
+                    script: Script::Publish,
+                    args,
+                };
+                self.eval(now, chunk[0].0, op, eval);
+            }
+        }
+    }
+
+    /// Every ticket `op` answers for, failed with `why`.
+    fn fail_op(&mut self, ticket: Ticket, op: Op, why: Unavailable) {
+        match op {
+            Op::Quiet => {}
+            Op::Publish { tickets, .. } => {
+                for ticket in tickets {
+                    self.completions.push(Completion {
+                        ticket,
+                        result: Err(why),
+                    });
+                }
+            }
+            _ => self.completions.push(Completion {
+                ticket,
+                result: Err(why),
+            }),
+        }
+    }
+
+    fn plain(&mut self, now: u64, ticket: Ticket, op: Op, args: &[Vec<u8>]) {
+        let tag = Tag::Req {
+            ticket,
+            op,
+            eval: None,
+        };
+        self.counters.commands += 1;
+        if let Err(tag) = self.cmd.send(now, tag, args) {
+            self.refuse(tag);
+        }
+    }
+
+    /// EVALSHA when the script is loaded, else EVAL.
+    fn eval(&mut self, now: u64, ticket: Ticket, op: Op, eval: Eval) {
+        let mut head: Vec<Vec<u8>> = match &self.shas[eval.script as usize] {
+            Some(sha) => vec![b"EVALSHA".to_vec(), sha.clone().into_bytes()],
+            None => vec![b"EVAL".to_vec(), eval.script.body().as_bytes().to_vec()],
+        };
+        head.extend(eval.args.iter().cloned());
+        // The arguments are kept only where a NOSCRIPT resend may need them.
+        let keep = self.shas[eval.script as usize].is_some();
+        let tag = Tag::Req {
+            ticket,
+            op,
+            eval: keep.then_some(eval),
+        };
+        self.counters.commands += 1;
+        if let Err(tag) = self.cmd.send(now, tag, &head) {
+            self.refuse(tag);
+        }
+    }
+
+    fn refuse(&mut self, tag: Tag) {
+        if let Tag::Req { ticket, op, .. } = tag {
+            self.fail_op(ticket, op, Unavailable::NotSent);
+        }
+    }
+
+    fn refresh(&mut self, now: u64) {
+        self.next_refresh = now + (self.cfg.ttl_ms / 3).max(1);
+        let sha = &self.shas[Script::Refresh as usize];
+        let mut args: Vec<Vec<u8>> = match sha {
+            Some(sha) => vec![b"EVALSHA".to_vec(), sha.clone().into_bytes()],
+            None => vec![b"EVAL".to_vec(), REFRESH_LUA.as_bytes().to_vec()],
+        };
+        args.extend([
+            b"1".to_vec(),
+            format!("{PREFIX}nodes").into_bytes(),
+            self.cfg.node.clone().into_bytes(),
+            self.cfg.ttl_ms.to_string().into_bytes(),
+            self.channel.clone().into_bytes(),
+            PREFIX.as_bytes().to_vec(),
+        ]);
+        let _ = self.cmd.send(now, Tag::Refresh, &args);
+    }
+
+    fn issue_fills(&mut self, now: u64, fills: Vec<Fill>) {
+        for fill in fills {
+            self.counters.fills += 1;
+            let top = fill
+                .upto
+                .map_or_else(|| "+inf".to_string(), |u| format!("({u}"));
+            let args: Vec<Vec<u8>> = vec![
+                b"ZRANGEBYSCORE".to_vec(),
+                format!("{PREFIX}log:{}", fill.room).into(),
+                format!("({}", fill.after).into(),
+                top.into(),
+                b"WITHSCORES".to_vec(),
+                b"LIMIT".to_vec(),
+                b"0".to_vec(),
+                FILL_BATCH.to_string().into(),
+            ];
+            if let Err(Tag::Fill(room)) = self.cmd.send(now, Tag::Fill(fill.room), &args) {
+                self.seqs.fill_failed(&room);
+            }
+        }
+    }
+
+    /// Turn link events into completions and publications.
+    fn absorb(
+        &mut self,
+        now: u64,
+        registry: &Registry,
+        mut events: Vec<LinkEvent<Tag>>,
+        mut sub_events: Vec<LinkEvent<()>>,
+        wanted: &dyn Fn(&str) -> bool,
+    ) {
+        // Handling an event may produce more (a resend fails the link).
+        while !events.is_empty() || !sub_events.is_empty() {
+            let mut deliver = Vec::new();
+            let mut fills = Vec::new();
+            let mut resume = false;
+            for event in sub_events.drain(..) {
+                match event {
+                    LinkEvent::Up => resume = true,
+                    LinkEvent::Push(reply) => self.on_push(reply, wanted, &mut deliver, &mut fills),
+                    LinkEvent::Down(_) => self.counters.link_failures += 1,
+                    LinkEvent::Reply(..) => {}
+                }
+            }
+            for event in std::mem::take(&mut events) {
+                match event {
+                    LinkEvent::Up => {
+                        log::info!("redis: command link ready ({})", self.cfg.url.addr);
+                        for script in Script::ALL {
+                            let args = [b"SCRIPT".as_slice(), b"LOAD", script.body().as_bytes()];
+                            let _ = self.cmd.send(now, Tag::Load(script), &args);
+                        }
+                        self.refresh(now);
+                        self.publications.push(Publication::Reconnected);
+                        resume = true;
+                    }
+                    LinkEvent::Reply(tag, reply) => {
+                        self.on_reply(now, tag, reply, wanted, &mut deliver, &mut fills)
+                    }
+                    LinkEvent::Down(lost) => {
+                        self.counters.link_failures += 1;
+                        for tag in lost {
+                            match tag {
+                                Tag::Req { ticket, op, .. } => {
+                                    self.fail_op(ticket, op, Unavailable::Lost)
+                                }
+                                Tag::Fill(room) => self.seqs.fill_failed(&room),
+                                _ => {}
+                            }
+                        }
+                    }
+                    LinkEvent::Push(_) => {}
+                }
+            }
+            if resume && self.healthy() {
+                log::info!("redis: subscribed; filling rooms from their last ids");
+                let more = self.seqs.resume(wanted);
+                fills.extend(more);
+            }
+            self.hand_over(deliver);
+            self.issue_fills(now, fills);
+            self.cmd.flush_or_fail(now, registry, &mut events);
+        }
+        self.events = events;
+        self.sub_events = sub_events;
+        let healthy = self.healthy();
+        if healthy != self.was_healthy {
+            self.was_healthy = healthy;
+            match healthy {
+                true => log::info!(
+                    "cluster: node {} connected to redis {}",
+                    self.cfg.node,
+                    self.cfg.url.addr
+                ),
+                false => log::warn!(
+                    "cluster: node {} lost redis {}; commands answer unavailable",
+                    self.cfg.node,
+                    self.cfg.url.addr
+                ),
+            }
+        }
+    }
+
+    fn hand_over(&mut self, deliver: Vec<(Rc<str>, Entry)>) {
+        for (room, entry) in deliver {
+            self.counters.publications += 1;
+            self.publications.push(Publication::Message {
+                room,
+                id: entry.id,
+                ticket: entry.ticket,
+                json: entry.json,
+            });
+        }
+    }
+
+    /// A message on the subscription.
+    fn on_push(
+        &mut self,
+        reply: Reply,
+        wanted: &dyn Fn(&str) -> bool,
+        deliver: &mut Vec<(Rc<str>, Entry)>,
+        fills: &mut Vec<Fill>,
+    ) {
+        let Reply::Array(items) = reply else { return };
+        let Some(Reply::Bulk(payload)) = items.get(2) else {
+            return;
+        };
+        let Ok(payload) = std::str::from_utf8(payload) else {
+            return;
+        };
+        // A message batch is one record a line; notices and directs are one.
+        for record in payload.split('\n') {
+            self.on_record(record, wanted, deliver, fills);
+        }
+    }
+
+    fn on_record(
+        &mut self,
+        record: &str,
+        wanted: &dyn Fn(&str) -> bool,
+        deliver: &mut Vec<(Rc<str>, Entry)>,
+        fills: &mut Vec<Fill>,
+    ) {
+        let (kind, rest) = record.split_once(' ').unwrap_or((record, ""));
+        match kind {
+            "M" => {
+                let mut parts = rest.splitn(3, ' ');
+                let (Some(room), Some(id), Some(entry)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return;
+                };
+                let Ok(id) = id.parse::<u64>() else { return };
+                let Some(entry) = self.entry(id, entry) else {
+                    return;
+                };
+                let room: Rc<str> = Rc::from(room);
+                let want = wanted(&room);
+                self.seqs.arrive(&room, entry, want, deliver, fills);
+            }
+            "P" => {
+                if let Some((room, json)) = rest.split_once(' ') {
+                    self.publications.push(Publication::Presence {
+                        room: Rc::from(room),
+                        json: json.to_string(),
+                    });
+                }
+            }
+            "D" => {
+                if let Some((to, json)) = rest.split_once(' ') {
+                    self.publications.push(Publication::Direct {
+                        to: to.to_string(),
+                        json: json.to_string(),
+                    });
+                }
+            }
+            _ => log::debug!("redis: unknown publication {kind:?}"),
+        }
+    }
+
+    /// A stored entry, `"{node} {ticket} {json}"`.
+    fn entry(&self, id: u64, text: &str) -> Option<Entry> {
+        let mut parts = text.splitn(3, ' ');
+        let (node, ticket, json) = (parts.next()?, parts.next()?, parts.next()?);
+        let ticket = match node == self.cfg.node {
+            true => ticket.parse().ok(),
+            false => None,
+        };
+        Some(Entry {
+            id,
+            ticket,
+            json: Rc::from(json),
+        })
+    }
+
+    /// `[member, score, member, score, …]` into entries, in the order given.
+    fn entries(&self, reply: &Reply) -> Vec<Entry> {
+        let Reply::Array(items) = reply else {
+            return Vec::new();
+        };
+        items
+            .chunks(2)
+            .filter_map(|pair| {
+                let text = pair.first()?.text()?;
+                let id = pair.get(1)?.text()?.parse::<f64>().ok()? as u64;
+                self.entry(id, text)
+            })
+            .collect()
+    }
+
+    fn kept(entries: Vec<Entry>) -> Vec<Kept> {
+        entries
+            .into_iter()
+            .filter_map(|e| {
+                let raw = RawValue::from_string(e.json.to_string()).ok()?;
+                Some(Kept {
+                    id: e.id,
+                    json: Rc::from(raw),
+                })
+            })
+            .collect()
+    }
+
+    fn names(reply: &Reply) -> Vec<String> {
+        match reply {
+            Reply::Array(items) => items
+                .iter()
+                .filter_map(|r| r.text().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_reply(
+        &mut self,
+        now: u64,
+        tag: Tag,
+        reply: Reply,
+        wanted: &dyn Fn(&str) -> bool,
+        deliver: &mut Vec<(Rc<str>, Entry)>,
+        fills: &mut Vec<Fill>,
+    ) {
+        match tag {
+            Tag::Load(script) => match reply.text() {
+                Some(sha) => self.shas[script as usize] = Some(sha.to_string()),
+                None => log::warn!("redis: SCRIPT LOAD {script:?} failed: {reply:?}"),
+            },
+            Tag::Refresh => match reply {
+                Reply::Int(n) => self.nodes = n.max(0) as u64,
+                Reply::Error(e) if e.starts_with("NOSCRIPT") => {
+                    self.shas[Script::Refresh as usize] = None
+                }
+                other => log::warn!("redis: refresh failed: {other:?}"),
+            },
+            Tag::Fill(room) => {
+                let entries = self.entries(&reply);
+                self.counters.filled += entries.len() as u64;
+                let want = wanted(&room);
+                self.seqs.filled(&room, entries, want, deliver, fills);
+            }
+            Tag::Req { ticket, op, eval } => {
+                if let Reply::Error(e) = &reply {
+                    if e.starts_with("NOSCRIPT") {
+                        if let Some(mut eval) = eval {
+                            // Redis lost its script cache (restart, SCRIPT
+                            // FLUSH): send the body this once, load again.
+                            self.counters.noscript += 1;
+                            let script = eval.script;
+                            self.shas[script as usize] = None;
+                            let args = [b"SCRIPT".as_slice(), b"LOAD", script.body().as_bytes()];
+                            let _ = self.cmd.send(now, Tag::Load(script), &args);
+                            eval.args.shrink_to_fit();
+                            return self.eval(now, ticket, op, eval);
+                        }
+                    }
+                    log::warn!("redis: {op:?} refused: {e}");
+                    return self.fail_op(ticket, op, Unavailable::Refused);
+                }
+                let answer = match op {
+                    Op::Quiet => return,
+                    Op::Claim => Answer::Claimed(reply.int() == Some(1)),
+                    Op::Direct => Answer::Delivered(reply.int() == Some(1)),
+                    Op::Publish { room, tickets } => {
+                        let ids: Vec<u64> = match &reply {
+                            Reply::Array(items) => items
+                                .iter()
+                                .map(|r| r.int().unwrap_or(0).max(0) as u64)
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        for (i, ticket) in tickets.into_iter().enumerate() {
+                            let id = ids.get(i).copied().unwrap_or(0);
+                            self.seqs.note(&room, id);
+                            self.completions.push(Completion {
+                                ticket,
+                                result: Ok(Answer::Published(id)),
+                            });
+                        }
+                        return;
+                    }
+                    Op::Page => {
+                        let mut entries = self.entries(&reply);
+                        entries.reverse();
+                        Answer::Page(Self::kept(entries))
+                    }
+                    Op::Who => Answer::Users(Self::names(&reply)),
+                    Op::Rooms => {
+                        let Reply::Array(items) = &reply else {
+                            return;
+                        };
+                        let rooms = items
+                            .chunks(2)
+                            .filter_map(|pair| {
+                                let room = pair.first()?.text()?.to_string();
+                                let n = pair.get(1)?.text()?.parse::<f64>().ok()?;
+                                (n >= 1.0).then_some((room, n as u64))
+                            })
+                            .collect();
+                        Answer::Rooms(rooms)
+                    }
+                    Op::Enter { room, since } => {
+                        let Reply::Array(parts) = &reply else {
+                            return;
+                        };
+                        let last_id = parts.first().and_then(Reply::int).unwrap_or(0).max(0) as u64;
+                        let mut entries = parts.get(1).map(|r| self.entries(r)).unwrap_or_default();
+                        if !since {
+                            entries.reverse();
+                        }
+                        let users = parts.get(2).map(Self::names).unwrap_or_default();
+                        let last_id = entries.last().map_or(last_id, |e| e.id.max(last_id));
+                        self.seqs.entered(&room, last_id);
+                        Answer::Entered {
+                            last_id,
+                            backlog: Self::kept(entries),
+                            users,
+                        }
+                    }
+                };
+                self.completions.push(Completion {
+                    ticket,
+                    result: Ok(answer),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! One TCP connection to Redis, as a state machine on the server's poll.
+//!
+//! ```text
+//!            retry_at reached                connect done, setup sent
+//!  Backoff ───────────────────▶ Connecting ─────────────────────────▶ Setup
+//!     ▲                             │                                   │ every setup
+//!     │ broken: socket error,       │                                   │ reply OK
+//!     │ EOF, bad RESP, a reply      │                                   ▼
+//!     │ past its deadline           └─────────────────────────────────▶ Ready
+//!     └──────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Setup is AUTH (with a password in the URL), SELECT (a DB other than 0,
+//! command link only) and, for the subscription link, SUBSCRIBE. The
+//! [`Machine`] holds the state and the back-off and knows no socket, so it
+//! is unit-tested below; [`Link`] adds the socket, the two bounded buffers
+//! and the replies awaited, matched in order (Redis answers a pipelined
+//! connection strictly in order).
+//!
+//! Owns one socket; what the replies mean is `engine.rs`'s.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::ToSocketAddrs;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::resp::{self, Reply, RespError};
+use super::url::RedisUrl;
+
+/// A reply not received this long after its command was written means
+/// Redis is not serving us: the link is broken and commands answer
+/// `unavailable` until it is back. Far above a healthy Redis's latency
+/// (well under a millisecond on a LAN) and below a second, so that a Redis
+/// stalled by `DEBUG SLEEP 1` or a long `KEYS` counts as down.
+pub const REPLY_DEADLINE_MS: u64 = 750;
+
+/// A TCP connect still pending after this long has failed.
+pub const CONNECT_DEADLINE_MS: u64 = 1_000;
+
+/// First back-off, doubled per failed attempt up to [`BACKOFF_CAP_MS`].
+pub const BACKOFF_BASE_MS: u64 = 100;
+
+/// The longest back-off: about 5 s, so that a node notices a returning
+/// Redis within seconds while many nodes do not hammer one that is down.
+pub const BACKOFF_CAP_MS: u64 = 5_000;
+
+/// Most unsent command bytes. Beyond it a command is refused
+/// (`unavailable`) rather than buffered without limit while Redis is slow.
+pub const MAX_OUT_BYTES: usize = 8 << 20;
+
+/// Most unparsed reply bytes: one largest bulk plus slack.
+pub const MAX_IN_BYTES: usize = resp::MAX_BULK + (64 << 10);
+
+/// Most replies awaited at once on one link.
+pub const MAX_PENDING: usize = 100_000;
+
+/// Where a link is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// No socket; the next attempt is at `retry_at` (ms on the loop's
+    /// clock). `why` is the last failure, for the log and `/stats`.
+    Backoff {
+        retry_at: u64,
+        why: String,
+    },
+    /// TCP connect in flight since `since`.
+    Connecting {
+        since: u64,
+    },
+    /// Connected; `left` setup replies are still awaited.
+    Setup {
+        left: usize,
+    },
+    Ready,
+}
+
+/// The state and the back-off, without a socket.
+#[derive(Debug)]
+pub struct Machine {
+    pub state: State,
+    attempt: u32,
+    rng: u64,
+}
+
+impl Machine {
+    /// A machine that tries its first connect at once.
+    pub fn new(seed: u64) -> Self {
+        Machine {
+            state: State::Backoff {
+                retry_at: 0,
+                why: "not connected yet".into(),
+            },
+            attempt: 0,
+            rng: seed | 1,
+        }
+    }
+
+    /// Time to try a connect.
+    pub fn due(&self, now: u64) -> bool {
+        matches!(self.state, State::Backoff { retry_at, .. } if now >= retry_at)
+    }
+
+    pub fn connecting(&mut self, now: u64) {
+        self.state = State::Connecting { since: now };
+    }
+
+    /// The TCP connect completed and `setup` commands were written.
+    pub fn connected(&mut self, setup: usize) {
+        self.state = if setup == 0 {
+            self.attempt = 0;
+            State::Ready
+        } else {
+            State::Setup { left: setup }
+        };
+    }
+
+    /// One setup reply arrived and was good. True when this made the link
+    /// ready.
+    pub fn setup_done(&mut self) -> bool {
+        if let State::Setup { left } = &mut self.state {
+            *left -= 1;
+            if *left == 0 {
+                self.state = State::Ready;
+                self.attempt = 0;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The link broke: wait a jittered, doubling back-off. Returns the
+    /// time of the next attempt.
+    pub fn broken(&mut self, now: u64, why: String) -> u64 {
+        let full = BACKOFF_BASE_MS
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(BACKOFF_CAP_MS);
+        self.attempt = self.attempt.saturating_add(1);
+        // Jitter over the upper half, so that nodes that lost Redis at the
+        // same moment do not all come back at the same moment.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let wait = full / 2 + self.rng % (full / 2 + 1);
+        let retry_at = now + wait;
+        self.state = State::Backoff { retry_at, why };
+        retry_at
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self.state {
+            State::Backoff { .. } => "backoff",
+            State::Connecting { .. } => "connecting",
+            State::Setup { .. } => "setup",
+            State::Ready => "ready",
+        }
+    }
+}
+
+/// What one link reported to the engine.
+#[derive(Debug)]
+pub enum LinkEvent<T> {
+    /// Setup finished: commands may be sent.
+    Up,
+    /// The reply to the command sent with `T`.
+    Reply(T, Reply),
+    /// Something that answers no command (a pub/sub message).
+    Push(Reply),
+    /// The link broke; these commands got no reply (they may or may not
+    /// have been carried out).
+    Down(Vec<T>),
+}
+
+/// What a link is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Pipelined commands, replies in order.
+    Commands,
+    /// A subscription to one channel; messages arrive as pushes.
+    Subscriber { channel: String },
+}
+
+enum Awaited<T> {
+    Setup,
+    Caller(T),
+    /// A liveness ping on the subscription link.
+    Ping,
+}
+
+/// A link: the machine plus its socket and buffers.
+pub struct Link<T> {
+    pub machine: Machine,
+    pub token: Token,
+    role: Role,
+    sock: Option<TcpStream>,
+    out: Vec<u8>,
+    out_at: usize,
+    inbuf: Vec<u8>,
+    awaited: VecDeque<(Awaited<T>, u64)>,
+}
+
+impl<T> Link<T> {
+    pub fn new(token: Token, role: Role, seed: u64) -> Self {
+        Link {
+            machine: Machine::new(seed),
+            token,
+            role,
+            sock: None,
+            out: Vec::new(),
+            out_at: 0,
+            inbuf: Vec::new(),
+            awaited: VecDeque::new(),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.machine.is_ready()
+    }
+
+    /// Replies awaited (for `/stats`).
+    pub fn in_flight(&self) -> usize {
+        self.awaited.len()
+    }
+
+    /// The next time [`Link::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        match &self.machine.state {
+            State::Backoff { retry_at, .. } => Some(*retry_at),
+            State::Connecting { since } => Some(since + CONNECT_DEADLINE_MS),
+            State::Setup { .. } | State::Ready => {
+                self.awaited.front().map(|(_, at)| at + REPLY_DEADLINE_MS)
+            }
+        }
+    }
+
+    /// Deadlines: start a due connect, fail a stuck one or a reply past
+    /// its deadline.
+    pub fn tick(
+        &mut self,
+        now: u64,
+        registry: &Registry,
+        url: &RedisUrl,
+        events: &mut Vec<LinkEvent<T>>,
+    ) {
+        if self.machine.due(now) {
+            if let Err(e) = self.connect(now, registry, url) {
+                self.fail(now, registry, format!("connect {}: {e}", url.addr), events);
+            }
+            return;
+        }
+        let late = match &self.machine.state {
+            State::Connecting { since } => now >= since + CONNECT_DEADLINE_MS,
+            _ => self
+                .awaited
+                .front()
+                .is_some_and(|(_, at)| now >= at + REPLY_DEADLINE_MS),
+        };
+        if late {
+            let why = format!("no answer within {REPLY_DEADLINE_MS} ms");
+            self.fail(now, registry, why, events);
+        }
+    }
+
+    fn connect(&mut self, now: u64, registry: &Registry, url: &RedisUrl) -> io::Result<()> {
+        // Resolved at every attempt (an IP literal costs nothing; a name
+        // is looked up by the system resolver, on the loop: use an IP or a
+        // name in /etc/hosts).
+        let Some(addr) = url.addr.to_socket_addrs()?.next() else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "no address"));
+        };
+        let mut sock = TcpStream::connect(addr)?;
+        registry.register(
+            &mut sock,
+            self.token,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.sock = Some(sock);
+        self.machine.connecting(now);
+        Ok(())
+    }
+
+    /// Readiness on this link's token.
+    pub fn on_ready(
+        &mut self,
+        now: u64,
+        registry: &Registry,
+        url: &RedisUrl,
+        events: &mut Vec<LinkEvent<T>>,
+    ) {
+        if let State::Connecting { .. } = self.machine.state {
+            let Some(sock) = &self.sock else { return };
+            match sock.take_error() {
+                Ok(Some(e)) | Err(e) => {
+                    return self.fail(now, registry, format!("connect {}: {e}", url.addr), events)
+                }
+                Ok(None) => {}
+            }
+            match sock.peer_addr() {
+                Ok(_) => self.start_setup(now, url, events),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => {
+                    return self.fail(now, registry, format!("connect {}: {e}", url.addr), events)
+                }
+            }
+        }
+        if let Err(why) = self.read(events) {
+            return self.fail(now, registry, why, events);
+        }
+        if let Err(e) = self.flush() {
+            self.fail(now, registry, format!("write: {e}"), events);
+        }
+    }
+
+    fn start_setup(&mut self, now: u64, url: &RedisUrl, events: &mut Vec<LinkEvent<T>>) {
+        let mut setup = 0;
+        if let Some(password) = &url.password {
+            match &url.username {
+                Some(user) => self.write(&["AUTH", user, password]),
+                None => self.write(&["AUTH", password]),
+            }
+            setup += 1;
+        }
+        match &self.role {
+            Role::Commands if url.db != 0 => {
+                self.write(&["SELECT", &url.db.to_string()]);
+                setup += 1;
+            }
+            Role::Commands => {}
+            Role::Subscriber { channel } => {
+                let channel = channel.clone();
+                self.write(&["SUBSCRIBE", &channel]);
+                setup += 1;
+            }
+        }
+        for _ in 0..setup {
+            self.awaited.push_back((Awaited::Setup, now));
+        }
+        self.machine.connected(setup);
+        if self.machine.is_ready() {
+            events.push(LinkEvent::Up);
+        }
+    }
+
+    fn write<A: AsRef<[u8]>>(&mut self, args: &[A]) {
+        resp::encode(&mut self.out, args);
+    }
+
+    /// Queue a command whose reply is reported with `tag`. Refused (the
+    /// tag comes back) when the link is not ready or its buffers are full.
+    pub fn send<A: AsRef<[u8]>>(&mut self, now: u64, tag: T, args: &[A]) -> Result<(), T> {
+        if !self.is_ready()
+            || self.out.len() - self.out_at > MAX_OUT_BYTES
+            || self.awaited.len() >= MAX_PENDING
+        {
+            return Err(tag);
+        }
+        self.write(args);
+        self.awaited.push_back((Awaited::Caller(tag), now));
+        Ok(())
+    }
+
+    /// A liveness ping on the subscription link (its reply proves the
+    /// subscription is still served).
+    pub fn ping(&mut self, now: u64) {
+        if self.is_ready() && self.awaited.is_empty() {
+            self.write(&["PING"]);
+            self.awaited.push_back((Awaited::Ping, now));
+        }
+    }
+
+    /// Write what is queued until done or `WouldBlock`. Call after sends.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let Some(sock) = &mut self.sock else {
+            return Ok(());
+        };
+        if matches!(self.machine.state, State::Connecting { .. }) {
+            return Ok(());
+        }
+        while self.out_at < self.out.len() {
+            match sock.write(&self.out[self.out_at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_at = 0;
+        Ok(())
+    }
+
+    /// Flush, and break the link on a write error.
+    pub fn flush_or_fail(&mut self, now: u64, registry: &Registry, events: &mut Vec<LinkEvent<T>>) {
+        if let Err(e) = self.flush() {
+            self.fail(now, registry, format!("write: {e}"), events);
+        }
+    }
+
+    /// Read until `WouldBlock` (edge-triggered), decoding every complete
+    /// reply.
+    fn read(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let Some(sock) = &mut self.sock else {
+                return Ok(());
+            };
+            match sock.read(&mut chunk) {
+                Ok(0) => return Err("Redis closed the connection".into()),
+                Ok(n) => {
+                    if self.inbuf.len() + n > MAX_IN_BYTES {
+                        return Err(format!("reply larger than {MAX_IN_BYTES} bytes"));
+                    }
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    self.decode(events).map_err(|e| e.to_string())?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    fn decode(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), RespError> {
+        let mut used = 0;
+        let mut failure = None;
+        while let Some((reply, n)) = resp::decode(&self.inbuf[used..])? {
+            used += n;
+            if let Err(why) = self.dispatch(reply, events) {
+                failure = Some(why);
+                break;
+            }
+        }
+        self.inbuf.drain(..used);
+        match failure {
+            Some(why) => Err(RespError::BadLength(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Match one reply with what awaited it.
+    fn dispatch(&mut self, reply: Reply, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
+        let subscriber = matches!(self.role, Role::Subscriber { .. });
+        if subscriber {
+            if let Reply::Array(items) = &reply {
+                match items.first().and_then(Reply::text) {
+                    Some("message") => {
+                        events.push(LinkEvent::Push(reply));
+                        return Ok(());
+                    }
+                    Some("pong") | Some("subscribe") => {}
+                    _ => {}
+                }
+            }
+        }
+        let Some((awaited, _)) = self.awaited.pop_front() else {
+            return Err("a reply nobody asked for".into());
+        };
+        match awaited {
+            Awaited::Setup => {
+                if let Reply::Error(e) = &reply {
+                    return Err(format!("setup refused: {e}"));
+                }
+                if self.machine.setup_done() {
+                    events.push(LinkEvent::Up);
+                }
+            }
+            Awaited::Ping => {}
+            Awaited::Caller(tag) => events.push(LinkEvent::Reply(tag, reply)),
+        }
+        Ok(())
+    }
+
+    /// Break the link: drop the socket and the buffers, report the
+    /// commands that will get no reply, and start the back-off.
+    pub fn fail(
+        &mut self,
+        now: u64,
+        registry: &Registry,
+        why: String,
+        events: &mut Vec<LinkEvent<T>>,
+    ) {
+        if let Some(mut sock) = self.sock.take() {
+            let _ = registry.deregister(&mut sock);
+        }
+        let was_up = matches!(self.machine.state, State::Ready | State::Setup { .. });
+        let retry_at = self.machine.broken(now, why.clone());
+        if was_up {
+            log::warn!(
+                "redis link {:?}: {why}; retrying in {} ms",
+                self.role,
+                retry_at - now
+            );
+        } else {
+            log::debug!("redis link {:?}: {why}", self.role);
+        }
+        self.out.clear();
+        self.out_at = 0;
+        self.inbuf.clear();
+        let lost = self
+            .awaited
+            .drain(..)
+            .filter_map(|(a, _)| match a {
+                Awaited::Caller(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        events.push(LinkEvent::Down(lost));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut m = Machine::new(7);
+        assert!(m.due(0));
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            m.connecting(now);
+            let at = m.broken(now, "refused".into());
+            waits.push(at - now);
+            assert!(!m.due(at - 1));
+            assert!(m.due(at));
+            now = at;
+        }
+        // Each wait lies in the upper half of its doubling step.
+        for (i, w) in waits.iter().enumerate() {
+            let full = (BACKOFF_BASE_MS << i).min(BACKOFF_CAP_MS);
+            assert!(*w >= full / 2 && *w <= full, "attempt {i}: {w} of {full}");
+        }
+        assert!(waits.iter().all(|w| *w <= BACKOFF_CAP_MS));
+    }
+
+    #[test]
+    fn ready_after_every_setup_reply_and_backoff_resets() {
+        let mut m = Machine::new(1);
+        m.connecting(0);
+        m.broken(0, "x".into());
+        m.broken(0, "x".into());
+        m.connecting(500);
+        m.connected(2);
+        assert_eq!(m.state, State::Setup { left: 2 });
+        assert!(!m.setup_done());
+        assert!(m.setup_done());
+        assert!(m.is_ready());
+        // A fresh failure after success starts from the base again.
+        let at = m.broken(1000, "eof".into());
+        assert!(at - 1000 <= BACKOFF_BASE_MS);
+        m.connecting(at);
+        m.connected(0);
+        assert!(m.is_ready());
+    }
+
+    #[test]
+    fn jitter_differs_between_seeds() {
+        let waits = |seed| {
+            let mut m = Machine::new(seed);
+            (0..6)
+                .map(|_| m.broken(0, String::new()))
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(waits(1), waits(2));
+    }
+}
