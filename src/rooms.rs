@@ -205,6 +205,55 @@ impl Rooms {
         Some((member, gone))
     }
 
+    /// Check that the indexes agree: every member's rooms list it exactly
+    /// once, every room lists only members that list it back, names map
+    /// to their members and back, and no room is empty. `Err` says the
+    /// first disagreement found. For tests and fuzzing: it walks every
+    /// table, so it is never called on the loop.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let mut live = 0;
+        for (key, member) in self.members.iter().enumerate() {
+            let Some(member) = member else { continue };
+            live += 1;
+            if self.names.get(&member.name) != Some(&key) {
+                return Err(format!("member {key} ({}) is not its name's", member.name));
+            }
+            for (i, room) in member.rooms.iter().enumerate() {
+                if member.rooms[..i].contains(room) {
+                    return Err(format!("member {key} lists room {room} twice"));
+                }
+                let Some(r) = self.rooms.get(room) else {
+                    return Err(format!("member {key} is in room {room}, which is gone"));
+                };
+                if r.members.iter().filter(|&&k| k == key).count() != 1 {
+                    return Err(format!("room {room} does not list member {key} once"));
+                }
+            }
+        }
+        if live != self.names.len() {
+            return Err(format!("{live} members but {} names", self.names.len()));
+        }
+        for (name, &key) in &self.names {
+            if self.member(key).map(|m| &m.name) != Some(name) {
+                return Err(format!("name {name} maps to {key}, which is not it"));
+            }
+        }
+        for (room, r) in &self.rooms {
+            if r.members.is_empty() {
+                return Err(format!("room {room} is empty but still listed"));
+            }
+            for &key in &r.members {
+                let listed = self
+                    .member(key)
+                    .is_some_and(|m| m.rooms.iter().any(|x| x == room));
+                if !listed {
+                    return Err(format!("room {room} lists {key}, which is not in it"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The first `max` member names of `room` in join order, and how many
     /// members it has.
     pub fn names_in_capped(&self, room: &str, max: usize) -> (Vec<&str>, usize) {
@@ -280,6 +329,26 @@ mod tests {
         assert_eq!(t.join(0, "r1", 2), Joined::New);
         assert_eq!(t.join(0, "r2", 2), Joined::New);
         assert_eq!(t.join(0, "r3", 2), Joined::TooMany);
+    }
+
+    #[test]
+    fn consistency_check_sees_a_broken_index() {
+        let mut t = tables(&["a", "b"]);
+        t.join(0, "r", 8);
+        t.join(1, "r", 8);
+        assert_eq!(t.check_consistency(), Ok(()));
+        // A room left listed after its last member went.
+        t.rooms.entry(Rc::from("ghost")).or_default();
+        assert!(t.check_consistency().unwrap_err().contains("ghost"));
+        t.rooms.remove("ghost");
+        // A member whose room forgot it.
+        t.rooms.get_mut("r").unwrap().members.retain(|&k| k != 1);
+        assert!(t.check_consistency().is_err());
+        t.rooms.get_mut("r").unwrap().members.push(1);
+        assert_eq!(t.check_consistency(), Ok(()));
+        // A name pointing at the wrong slot.
+        t.names.insert(Rc::from("a"), 1);
+        assert!(t.check_consistency().is_err());
     }
 
     #[test]
