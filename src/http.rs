@@ -88,7 +88,19 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
     // own checks (`HeaderMap::get`), so both sides agree on every request.
     let (mut seen_upgrade, mut seen_connection) = (false, false);
     for h in req.headers.iter() {
-        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        // tungstenite reads these headers with `HeaderValue::to_str`, which
+        // takes visible ASCII and tab only and treats anything else as no
+        // header at all; read them the same way, or an upgrade this check
+        // lets through would be refused by tungstenite with no answer
+        // (found by the http_head fuzz target).
+        let visible = h
+            .value
+            .iter()
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+        let value = match visible {
+            true => std::str::from_utf8(h.value).unwrap_or("").trim(),
+            false => "",
+        };
         if h.name.eq_ignore_ascii_case("upgrade") {
             head.upgrade |= value
                 .split(',')
@@ -367,6 +379,21 @@ mod tests {
         // "Connection: keep-alive, Upgrade" and lower case are fine.
         let mixed = good.replace("Connection: Upgrade", "Connection: keep-alive, upgrade");
         assert_eq!(head(&mixed).upgrade_problem(), None);
+    }
+
+    /// Found by the http_head fuzz target
+    /// (`fuzz/regressions/http_head/connection_header_not_visible_ascii`):
+    /// a `Connection` value with a non-ASCII byte passed loopchat's check,
+    /// tungstenite then refused the handshake, and the client got no
+    /// answer. Now such a value counts as no header, so the client gets a
+    /// 400 that names it.
+    #[test]
+    fn fuzz_http_head_connection_header_not_visible_ascii() {
+        let raw = "GET / HTTP/1.1\nUpgrade:websocket\nConnection:\u{13c} Upgrade\nSec-WebSocket-Key:dGhlIHNhbXBsZSBub25jZQ==\nSec-WebSocket-Version:13\n\n";
+        match head(raw).upgrade_problem() {
+            Some(UpgradeProblem::Bad(text)) => assert!(text.contains("Connection"), "{text}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -190,7 +190,8 @@ fn kind() -> impl Strategy<Value = Kind> {
 
 proptest! {
     /// Due timers come out in deadline order, only when due, only for the
-    /// generation that now holds the slot, each exactly once; deadlines are
+    /// generation that now holds the slot, each exactly once, one per
+    /// connection (arming again replaces its deadline); deadlines are
     /// rounded up to the resolution (never early, less than one step late);
     /// a stale generation never fires, and everything armed is gone from
     /// the heap once the clock has passed it.
@@ -222,8 +223,14 @@ proptest! {
             }
         }
         prop_assert!(timers.is_empty());
-        let mut expected: Vec<_> = armed
-            .iter()
+        // One deadline per connection: the last one armed for a key is the
+        // one it has.
+        let mut last_armed = std::collections::BTreeMap::new();
+        for &(at, key, generation, kind) in &armed {
+            last_armed.insert(key, (at, key, generation, kind));
+        }
+        let mut expected: Vec<_> = last_armed
+            .values()
             .filter(|(_, key, generation, _)| current[*key] == Some(*generation))
             .map(|&(at, key, generation, kind)| {
                 let rounded = at.div_ceil(RESOLUTION_MS) * RESOLUTION_MS;

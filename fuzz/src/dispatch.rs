@@ -144,6 +144,8 @@ fn step(h: &mut Harness, input: &mut Input<'_>) {
                     let taken = username.and_then(|u| h.d.tables().by_name(u));
                     assert!(taken.is_some_and(|k| k != key), "refused a free name");
                 }
+                // Only a cluster engine refuses for want of Redis.
+                Err(Refusal::Unavailable) => panic!("a single node refused for want of Redis"),
             }
         }
         2 => {

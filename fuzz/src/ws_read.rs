@@ -21,7 +21,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
-use loopchat::conn::{self, Inbound, Upgrade, Wire};
+use loopchat::conn::{self, Inbound, Wire};
 use loopchat::Config;
 
 use crate::input::Input;
@@ -129,9 +129,8 @@ pub fn run(data: &[u8]) {
         early.to_vec(),
         config.websocket(),
     ) {
-        Upgrade::Done(ws) => ws,
-        Upgrade::Suspended(_) => panic!("a complete valid upgrade was suspended"),
-        Upgrade::Failed(why) => panic!("a valid upgrade failed: {why}"),
+        Ok(ws) => ws,
+        Err(why) => panic!("a valid upgrade failed: {why}"),
     };
     let after_101 = ws.get_mut().outbox.queued();
 
