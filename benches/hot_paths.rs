@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::io::{self, IoSlice, Write};
 use std::time::Instant;
 
-use loopchat::dispatch::{Clock, Dispatcher, Outbound, SessionRequest, Settings};
+use loopchat::dispatch::{Clock, Dispatcher, Effects, SessionRequest, Settings};
 use loopchat::outbox::Outbox;
 use loopchat::protocol::{self, Limits};
 use loopchat::store::memory::MemoryHistory;
@@ -53,7 +53,7 @@ fn settings() -> Settings {
 /// A dispatcher with `members` open members in room "r".
 fn room_of(members: usize) -> Dispatcher {
     let mut d = Dispatcher::new(settings(), Box::new(MemoryHistory::new(1000)));
-    let mut out = Outbound::default();
+    let mut out = Effects::default();
     let now = Clock {
         mono_ms: 0,
         unix_ms: 1_700_000_000_000,
@@ -94,7 +94,7 @@ fn main() {
 
     for members in [100usize, 1000] {
         let mut d = room_of(members);
-        let mut out = Outbound::default();
+        let mut out = Effects::default();
         let mut mono = 0;
         let n = 2000u64;
         // Counted per delivery (one broadcast reaches `members` outboxes);

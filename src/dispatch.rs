@@ -1,9 +1,10 @@
 //! The dispatcher: the single router from a member's command to the events
 //! it causes. It replaces the Go original's `Room.Run` goroutine.
 //!
-//! It owns the room tables and the history, and does no I/O: it is handed a
+//! It owns the room tables and the history, and does no socket I/O (the
+//! history behind it may touch the disk; see `store/`): it is handed a
 //! decoded frame and the time, and it appends `(connection, frame)` pairs to
-//! an [`Outbound`] the loop then delivers. Every event is encoded once; a
+//! an [`Effects`] the loop then delivers. Every event is encoded once; a
 //! broadcast pushes the same shared [`Frame`] for each member. Because
 //! nothing here touches a socket, every command and error is unit-tested
 //! below without one.
@@ -77,15 +78,17 @@ pub struct CloseRequest {
     pub reason: &'static str,
 }
 
-/// Everything one call produced, in order. Reused across calls so that a
-/// busy loop does not allocate per command.
+/// Everything one call produced, in order: frames for connections, closes
+/// it asks for, and (in cluster mode) requests for the engine. Named apart
+/// from a connection's `Outbox`, which is where the loop puts the frames.
+/// Reused across calls so that a busy loop does not allocate per command.
 #[derive(Debug, Default)]
-pub struct Outbound {
+pub struct Effects {
     pub sends: Vec<(ConnKey, Frame)>,
     pub closes: Vec<CloseRequest>,
 }
 
-impl Outbound {
+impl Effects {
     fn to(&mut self, key: ConnKey, frame: Frame) {
         self.sends.push((key, frame));
     }
@@ -263,7 +266,7 @@ impl Dispatcher {
 
     /// The WebSocket is open: greet the member and join its home room, with
     /// `since` as the resume point when the URL had one.
-    pub fn open(&mut self, key: ConnKey, since: Option<u64>, out: &mut Outbound) {
+    pub fn open(&mut self, key: ConnKey, since: Option<u64>, out: &mut Effects) {
         let Some(member) = self.tables.member_mut(key) else {
             return;
         };
@@ -288,7 +291,7 @@ impl Dispatcher {
     /// of them is delivered: if the commit fails, the messages are taken
     /// back out of `out` and each sender gets `history_unavailable`
     /// instead, so that nobody sees a message the store does not have.
-    pub fn commit(&mut self, out: &mut Outbound) {
+    pub fn commit(&mut self, out: &mut Effects) {
         let result = self.history.commit();
         let pending = std::mem::take(&mut self.uncommitted);
         let Err(e) = result else {
@@ -323,14 +326,14 @@ impl Dispatcher {
     /// appended in this iteration and are not yet durable (`--fsync
     /// always`), commit now, so that an answer never carries a message the
     /// store may still refuse. An extra sync, only in this case.
-    fn commit_before_reading(&mut self, room: &str, out: &mut Outbound) {
+    fn commit_before_reading(&mut self, room: &str, out: &mut Effects) {
         if self.uncommitted.iter().any(|u| &*u.room == room) {
             self.commit(out);
         }
     }
 
     /// One text frame from `key`.
-    pub fn handle_text(&mut self, key: ConnKey, text: &str, now: Clock, out: &mut Outbound) {
+    pub fn handle_text(&mut self, key: ConnKey, text: &str, now: Clock, out: &mut Effects) {
         if !self.admit_command(key, now, Some(text), out) {
             return;
         }
@@ -367,7 +370,7 @@ impl Dispatcher {
     }
 
     /// One binary frame from `key`: chat is text only.
-    pub fn handle_binary(&mut self, key: ConnKey, now: Clock, out: &mut Outbound) {
+    pub fn handle_binary(&mut self, key: ConnKey, now: Clock, out: &mut Effects) {
         if self.admit_command(key, now, None, out) {
             self.error(
                 key,
@@ -382,7 +385,7 @@ impl Dispatcher {
     /// The connection is gone (however it ended): leave every room, telling
     /// each, and release the name. Safe to call for a key that never became
     /// a member or was already removed.
-    pub fn disconnect(&mut self, key: ConnKey, out: &mut Outbound) {
+    pub fn disconnect(&mut self, key: ConnKey, out: &mut Effects) {
         let Some((member, rooms)) = self.tables.remove_member(key) else {
             return;
         };
@@ -407,7 +410,6 @@ impl Dispatcher {
 
     // ---- commands -------------------------------------------------------
 
-    /// Rate-limit one command. False when it must not be handled.
     /// Rate-limit one command (`text` is the frame, when it was text).
     /// False when it must not be handled.
     fn admit_command(
@@ -415,7 +417,7 @@ impl Dispatcher {
         key: ConnKey,
         now: Clock,
         text: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) -> bool {
         let rate = self.settings.rate();
         let Some(member) = self.tables.member_mut(key) else {
@@ -468,7 +470,7 @@ impl Dispatcher {
         room: Option<Cow<'_, str>>,
         reference: Option<&str>,
         now: Clock,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         if !self.content_fits(key, &content, reference, out) {
             return;
@@ -558,7 +560,7 @@ impl Dispatcher {
         room: &str,
         since: Option<u64>,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let max_rooms = self.settings.limits.max_rooms_per_user;
         let joined = self.tables.join(key, room, max_rooms);
@@ -627,7 +629,7 @@ impl Dispatcher {
         }
     }
 
-    fn leave(&mut self, key: ConnKey, room: &str, reference: Option<&str>, out: &mut Outbound) {
+    fn leave(&mut self, key: ConnKey, room: &str, reference: Option<&str>, out: &mut Effects) {
         if !rooms::valid_name(room) {
             return self.bad_room(key, reference, out);
         }
@@ -666,7 +668,7 @@ impl Dispatcher {
         content: &str,
         reference: Option<&str>,
         now: Clock,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         if !self.content_fits(key, content, reference, out) {
             return;
@@ -700,7 +702,7 @@ impl Dispatcher {
         self.counters.directs += 1;
     }
 
-    fn list_rooms(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Outbound) {
+    fn list_rooms(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Effects) {
         if self.shared.is_some() {
             return self.rooms_shared(key, reference, out);
         }
@@ -777,7 +779,7 @@ impl Dispatcher {
         }
     }
 
-    fn who(&mut self, key: ConnKey, room: &str, reference: Option<&str>, out: &mut Outbound) {
+    fn who(&mut self, key: ConnKey, room: &str, reference: Option<&str>, out: &mut Effects) {
         if !rooms::valid_name(room) {
             return self.bad_room(key, reference, out);
         }
@@ -807,7 +809,7 @@ impl Dispatcher {
         before: Option<u64>,
         limit: Option<u64>,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         if !rooms::valid_name(room) {
             return self.bad_room(key, reference, out);
@@ -857,7 +859,7 @@ impl Dispatcher {
         key: ConnKey,
         content: &str,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) -> bool {
         // Checked before any id is reserved: an empty message is neither
         // stored nor numbered.
@@ -879,7 +881,7 @@ impl Dispatcher {
     }
 
     /// Tell every member of `room` that `user` joined or left.
-    fn presence(&mut self, room: &str, kind: &'static str, user: &str, out: &mut Outbound) {
+    fn presence(&mut self, room: &str, kind: &'static str, user: &str, out: &mut Effects) {
         let Some(r) = self.tables.room(room) else {
             return;
         };
@@ -895,7 +897,7 @@ impl Dispatcher {
         }
     }
 
-    fn bad_room(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Outbound) {
+    fn bad_room(&mut self, key: ConnKey, reference: Option<&str>, out: &mut Effects) {
         let text = format!("room names are {}", rooms::NAME_RULE);
         self.error(key, ErrorCode::BadRoom, &text, reference, out);
     }
@@ -906,7 +908,7 @@ impl Dispatcher {
         code: ErrorCode,
         text: &str,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         self.counters.errors += 1;
         out.to(
@@ -991,14 +993,14 @@ mod tests {
     /// A dispatcher and the events it produced, decoded for assertions.
     struct Harness {
         d: Dispatcher,
-        out: Outbound,
+        out: Effects,
     }
 
     impl Harness {
         fn new() -> Self {
             Harness {
                 d: Dispatcher::new(settings(), Box::new(MemoryHistory::new(100))),
-                out: Outbound::default(),
+                out: Effects::default(),
             }
         }
 
@@ -1197,7 +1199,7 @@ mod tests {
         roomy.limits.rate_burst = 1000;
         let mut h = Harness {
             d: Dispatcher::new(roomy, Box::new(MemoryHistory::new(1000))),
-            out: Outbound::default(),
+            out: Effects::default(),
         };
         h.connect(0, "alice", "r");
         // Each kept message is ~110 bytes of JSON; 4096 bytes hold ~36.
@@ -1513,7 +1515,7 @@ mod tests {
         };
         Harness {
             d: Dispatcher::new(strict, Box::new(history)),
-            out: Outbound::default(),
+            out: Effects::default(),
         }
     }
 
@@ -1575,7 +1577,7 @@ mod tests {
                         ..Faulty::default()
                     }),
                 ),
-                out: Outbound::default(),
+                out: Effects::default(),
             };
             h.connect(0, "alice", "r");
             let ev = h.send(0, r#"{"type":"message","content":"hi","ref":"m"}"#);

@@ -17,7 +17,10 @@ use tungstenite::Bytes;
 
 /// A complete, encoded server-to-client WebSocket frame (header and
 /// payload). Cloning it is a reference-count increment, so a broadcast to a
-/// thousand members is encoded once and copied never.
+/// thousand members is one buffer shared a thousand times: an event is
+/// encoded straight into its frame ([`encode_frame`]); a room message's
+/// JSON, which is also its history record, is encoded once and copied once
+/// into its frame ([`text_frame`]).
 pub type Frame = Bytes;
 
 /// Longest client-chosen `ref` that is echoed back; longer ones are refused

@@ -74,7 +74,7 @@ use tungstenite::Message;
 use crate::cluster::engine::{EngineConfig, RedisEngine};
 use crate::config::Config;
 use crate::conn::{self, Conn, Endpoint, HandshakeFailed, Inbound, Phase};
-use crate::dispatch::{Clock, Dispatcher, Outbound, Refusal, SessionRequest, Settings};
+use crate::dispatch::{Clock, Dispatcher, Effects, Refusal, SessionRequest, Settings};
 use crate::http::{self, Head, HeadError};
 use crate::memory::{self, Account, Heaviest};
 use crate::outbox::Flushed;
@@ -237,7 +237,7 @@ pub struct Server {
     conns: Slab<Conn>,
     next_generation: u64,
     dispatcher: Dispatcher,
-    out: Outbound,
+    out: Effects,
     timers: Timers,
     /// Connections with output to flush this iteration (each at most
     /// once: `Conn::dirty`). Emptied by `flush_dirty`.
@@ -366,7 +366,7 @@ impl Server {
             next_generation: 1,
             dispatcher,
             engine,
-            out: Outbound::default(),
+            out: Effects::default(),
             timers: Timers::new(),
             dirty: Vec::new(),
             gone: Vec::new(),
@@ -1670,7 +1670,7 @@ impl Server {
             self.dispatcher.disconnect(key, &mut self.out);
         } else {
             // Everyone is leaving: no leave notices, just release.
-            self.dispatcher.disconnect(key, &mut Outbound::default());
+            self.dispatcher.disconnect(key, &mut Effects::default());
         }
     }
 

@@ -1,5 +1,5 @@
 //! Staying up under load, faults and abuse: every defence the contract
-//! promises (PROTOCOL.md §1 and §5), each shown against a real server.
+//! promises (docs/protocol.md: endpoints, errors and close codes), each shown against a real server.
 //!
 //! Most tests run the server in this process ([`TestServer`]); the ones
 //! about a process (file-descriptor exhaustion, signals, exit codes, the

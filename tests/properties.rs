@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
 use std::rc::Rc;
 
-use loopchat::dispatch::{Clock, Dispatcher, Outbound, Refusal, SessionRequest, Settings};
+use loopchat::dispatch::{Clock, Dispatcher, Effects, Refusal, SessionRequest, Settings};
 use loopchat::outbox::{Flushed, Outbox};
 use loopchat::protocol::{self, Limits};
 use loopchat::rate::{Bucket, Rate, Verdict};
@@ -382,7 +382,7 @@ proptest! {
         room in name_candidate(),
     ) {
         let mut d = Dispatcher::new(settings(), Box::new(MemoryHistory::new(10)));
-        let mut out = Outbound::default();
+        let mut out = Effects::default();
         let as_username = d.admit(0, &SessionRequest { username: Some(username.clone()), room: None }, NOW);
         prop_assert_eq!(as_username.is_ok(), follows_rule(&username));
         if as_username.is_err() {

@@ -13,7 +13,7 @@
 //! with documented codes, and messages within the content limit in rooms
 //! whose names follow the rule.
 
-use loopchat::dispatch::{Clock, Dispatcher, Outbound, SessionRequest, Settings};
+use loopchat::dispatch::{Clock, Dispatcher, Effects, SessionRequest, Settings};
 use loopchat::protocol::{self, Command, Limits, MAX_REF_CHARS};
 use loopchat::rooms;
 use loopchat::store::memory::MemoryHistory;
@@ -133,7 +133,7 @@ fn check_dispatch(text: &str) {
         unix_ms: 1_700_000_000_000,
     };
     let mut d = Dispatcher::new(settings, Box::new(MemoryHistory::new(16)));
-    let mut out = Outbound::default();
+    let mut out = Effects::default();
     for (key, name) in [(0, "alice"), (1, "bob")] {
         let req = SessionRequest {
             username: Some(name.to_string()),

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use loopchat::dispatch::{Clock, Dispatcher, Outbound, Refusal, SessionRequest, Settings};
+use loopchat::dispatch::{Clock, Dispatcher, Effects, Refusal, SessionRequest, Settings};
 use loopchat::protocol::Limits;
 use loopchat::rooms::{self, ConnKey};
 use loopchat::store::memory::MemoryHistory;
@@ -55,7 +55,7 @@ enum Slot {
 
 struct Harness {
     d: Dispatcher,
-    out: Outbound,
+    out: Effects,
     slots: [Slot; SLOTS],
     now: Clock,
     /// Highest `message` id seen per room.
@@ -78,7 +78,7 @@ pub fn run(data: &[u8]) {
     };
     let mut h = Harness {
         d: Dispatcher::new(settings, Box::new(MemoryHistory::new(8))),
-        out: Outbound::default(),
+        out: Effects::default(),
         slots: [Slot::Free; SLOTS],
         now: Clock {
             mono_ms: 0,

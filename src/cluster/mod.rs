@@ -1,9 +1,9 @@
 //! Cluster mode: several loopchat nodes serving the same rooms through one
-//! Redis (`--redis`). PROTOCOL.md §7 in the project's words is
-//! `docs/cluster.md`.
+//! Redis (`--redis`). What it promises is in `docs/protocol.md` (cluster
+//! mode); how it is built and run, in `docs/cluster.md`.
 //!
 //! The dispatcher does not learn Redis. It hands [`Request`]s, each with a
-//! [`Ticket`], to the engine through its `Outbound`, and gets back
+//! [`Ticket`], to the engine through its `Effects`, and gets back
 //! [`Completion`]s (the answer to one request) and [`Publication`]s
 //! (events from any node, its own included, in per-room id order with no
 //! gap and no duplicate) to fan out to its local members. Without

@@ -10,12 +10,12 @@
 //! after its `joined`, without those the backlog already has (`floor`),
 //! so that it sees every message once, in order.
 //!
-//! Owns no socket and no Redis: the engine is behind `Outbound::requests`.
+//! Owns no socket and no Redis: the engine is behind `Effects::requests`.
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use super::{clip, fit_newest, fit_oldest, Dispatcher, Outbound, Refusal, MAX_USERS_LISTED};
+use super::{clip, fit_newest, fit_oldest, Dispatcher, Effects, Refusal, MAX_USERS_LISTED};
 use crate::cluster::{Answer, Completion, Publication, Request, Ticket, Unavailable};
 use crate::protocol::{self, ErrorCode, Frame};
 use crate::rate::Bucket;
@@ -135,7 +135,7 @@ impl Dispatcher {
         key: ConnKey,
         why: Unavailable,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let text = why.to_string();
         self.error(key, ErrorCode::Unavailable, &text, reference, out);
@@ -169,7 +169,7 @@ impl Dispatcher {
         room: &str,
         since: Option<u64>,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let Some(member) = self.tables.member(key) else {
             return;
@@ -264,7 +264,7 @@ impl Dispatcher {
         room: Rc<str>,
         reference: Option<&str>,
         ts: u64,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let Some(user) = self.tables.member(key).map(|m| m.name.clone()) else {
             return;
@@ -310,7 +310,7 @@ impl Dispatcher {
         before: Option<u64>,
         limit: usize,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let room: Rc<str> = Rc::from(room);
         let waiting = Waiting::Page {
@@ -335,7 +335,7 @@ impl Dispatcher {
         key: ConnKey,
         room: &str,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let room: Rc<str> = Rc::from(room);
         let waiting = Waiting::Who {
@@ -352,7 +352,7 @@ impl Dispatcher {
         &mut self,
         key: ConnKey,
         reference: Option<&str>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let waiting = Waiting::Rooms {
             key,
@@ -370,7 +370,7 @@ impl Dispatcher {
         content: &str,
         reference: Option<&str>,
         ts: u64,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let Some(from) = self.tables.member(key).map(|m| m.name.clone()) else {
             return;
@@ -409,7 +409,7 @@ impl Dispatcher {
     // ---- answers --------------------------------------------------------
 
     /// One answer from the engine.
-    pub fn complete(&mut self, done: Completion, out: &mut Outbound) {
+    pub fn complete(&mut self, done: Completion, out: &mut Effects) {
         let shared = self.shared();
         let Some(waiting) = shared.waiting.remove(&done.ticket) else {
             if let Ok(Answer::Published(_)) = done.result {
@@ -634,7 +634,7 @@ impl Dispatcher {
         since: Option<u64>,
         reference: Option<&str>,
         result: Result<Answer, Unavailable>,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let held = {
             let shared = self.shared();
@@ -720,7 +720,7 @@ impl Dispatcher {
     }
 
     /// One event from the cluster, for local members.
-    pub fn publication(&mut self, event: Publication, out: &mut Outbound) {
+    pub fn publication(&mut self, event: Publication, out: &mut Effects) {
         match event {
             Publication::Message {
                 room,
@@ -795,7 +795,7 @@ impl Dispatcher {
         id: u64,
         ticket: Option<Ticket>,
         json: &str,
-        out: &mut Outbound,
+        out: &mut Effects,
     ) {
         let shared_frame = protocol::text_frame(json);
         // The sender's own copy, when this node published it.
@@ -953,7 +953,7 @@ mod tests {
 
     struct Node {
         d: Dispatcher,
-        out: Outbound,
+        out: Effects,
         pending_enter: Option<(Ticket, Request)>,
     }
 
@@ -984,7 +984,7 @@ mod tests {
             };
             Node {
                 d: Dispatcher::new(settings, Box::new(MemoryHistory::new(0))).clustered(),
-                out: Outbound::default(),
+                out: Effects::default(),
                 pending_enter: None,
             }
         }

@@ -1,4 +1,4 @@
-//! The few chat-protocol shapes the load tool speaks (PROTOCOL.md §3–§4):
+//! The few chat-protocol shapes the load tool speaks (docs/protocol.md: commands and events):
 //! reading the `type` and a handful of fields of a server event, and writing
 //! the `message` command. Everything else in an event is skipped unread.
 
@@ -54,7 +54,7 @@ pub fn message_command(room: &str, content: &str) -> String {
     format!(r#"{{"type":"message","content":"{content}","room":"{room}"}}"#)
 }
 
-/// The username/room rule of PROTOCOL.md §2: 1–32 of `[A-Za-z0-9_.-]`.
+/// The username/room rule of docs/protocol.md: 1–32 of `[A-Za-z0-9_.-]`.
 pub fn valid_name(name: &str) -> bool {
     (1..=32).contains(&name.len())
         && name
