@@ -583,23 +583,7 @@ impl Dispatcher {
             None => self.history.last(room, self.settings.limits.history_limit),
         }
         .map_or_else(|e| (Vec::new(), Some(e)), |b| (b, None));
-        let budget = self.settings.reply_bytes;
-        let (history, more) = match since {
-            // A resume keeps the oldest: the client continues from the
-            // last id it got, so nothing is skipped.
-            Some(_) => {
-                let mut list = fit_oldest(&backlog, budget);
-                let more = list.len() < backlog.len();
-                list.truncate(self.settings.resume_max);
-                (list, more)
-            }
-            // A backlog keeps the newest: older ones are a `history` away.
-            None => {
-                let list = fit_newest(&backlog, budget);
-                let more = list.len() < backlog.len();
-                (list, more)
-            }
-        };
+        let (history, more) = self.fit_backlog(&backlog, since);
         let (users, total) = self.tables.names_in_capped(room, MAX_USERS_LISTED);
         let content = if total > users.len() {
             format!("joined {room} ({} of {total} members listed)", users.len())
@@ -924,6 +908,35 @@ impl Dispatcher {
 }
 
 /// The oldest messages of `list` whose JSON fits in `budget` bytes.
+impl Dispatcher {
+    /// What of a `joined` backlog fits in one answer (half the outbox
+    /// bound, `Settings::reply_bytes`), and whether some was left out. A
+    /// resume (`since`) keeps the oldest: the client continues from the
+    /// last id it got, so nothing is skipped. A plain backlog keeps the
+    /// newest: older ones are a `history` away. Shared by the local and
+    /// the cluster join.
+    pub(crate) fn fit_backlog<'a>(
+        &self,
+        backlog: &'a [Kept],
+        since: Option<u64>,
+    ) -> (Vec<&'a RawValue>, bool) {
+        let budget = self.settings.reply_bytes;
+        match since {
+            Some(_) => {
+                let mut list = fit_oldest(backlog, budget);
+                let more = list.len() < backlog.len();
+                list.truncate(self.settings.resume_max);
+                (list, more)
+            }
+            None => {
+                let list = fit_newest(backlog, budget);
+                let more = list.len() < backlog.len();
+                (list, more)
+            }
+        }
+    }
+}
+
 fn fit_oldest(list: &[Kept], budget: usize) -> Vec<&RawValue> {
     let mut used = 0;
     list.iter()

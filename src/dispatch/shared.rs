@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use super::{clip, fit_newest, fit_oldest, Dispatcher, Effects, Refusal, MAX_USERS_LISTED};
+use super::{clip, fit_newest, Dispatcher, Effects, Refusal, MAX_USERS_LISTED};
 use crate::cluster::{Answer, Completion, Publication, Request, Ticket, Unavailable};
 use crate::protocol::{self, ErrorCode, Frame};
 use crate::rate::Bucket;
@@ -672,19 +672,7 @@ impl Dispatcher {
                 return self.unavailable(key, why, reference, out);
             }
         };
-        let budget = self.settings.reply_bytes;
-        let (history, more) = match since {
-            Some(_) => {
-                let mut list = fit_oldest(&backlog, budget);
-                let more = list.len() < backlog.len();
-                list.truncate(self.settings.resume_max);
-                (list, more)
-            }
-            None => {
-                let list = fit_newest(&backlog, budget);
-                (list.clone(), list.len() < backlog.len())
-            }
-        };
+        let (history, more) = self.fit_backlog(&backlog, since);
         let mut users = users;
         users.sort_unstable();
         let total = users.len();
