@@ -585,22 +585,9 @@ impl Dispatcher {
         .map_or_else(|e| (Vec::new(), Some(e)), |b| (b, None));
         let (history, more) = self.fit_backlog(&backlog, since);
         let (users, total) = self.tables.names_in_capped(room, MAX_USERS_LISTED);
-        let content = if total > users.len() {
-            format!("joined {room} ({} of {total} members listed)", users.len())
-        } else {
-            format!("joined {room}")
-        };
         out.to(
             key,
-            protocol::encode_frame(&protocol::Joined {
-                kind: "joined",
-                content: &content,
-                room,
-                users: &users,
-                history: &history,
-                more,
-                reference,
-            }),
+            joined_frame(room, &users, total, &history, more, reference),
         );
         if let Some(e) = failure {
             let text = format!("history of {room} is unavailable: {e}");
@@ -935,6 +922,33 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// The `joined` answer: `users` is the (capped) member list out of
+/// `total`, `history` what of the backlog fits. Shared by the local and the
+/// cluster join.
+pub(crate) fn joined_frame(
+    room: &str,
+    users: &[&str],
+    total: usize,
+    history: &[&RawValue],
+    more: bool,
+    reference: Option<&str>,
+) -> Frame {
+    let content = if total > users.len() {
+        format!("joined {room} ({} of {total} members listed)", users.len())
+    } else {
+        format!("joined {room}")
+    };
+    protocol::encode_frame(&protocol::Joined {
+        kind: "joined",
+        content: &content,
+        room,
+        users,
+        history,
+        more,
+        reference,
+    })
 }
 
 fn fit_oldest(list: &[Kept], budget: usize) -> Vec<&RawValue> {

@@ -1467,6 +1467,9 @@ impl Server {
     /// without a delivery: half-received messages, joins), and end an
     /// episode once the account is calm again.
     fn check_memory(&mut self) {
+        if self.memory.is_none() {
+            return;
+        }
         let now = self.now_ms();
         let Some(m) = &mut self.memory else {
             return;

@@ -208,32 +208,17 @@ fn history_and_since_resume_on_another_node() {
     let mut carol = Client::connect(&b.url("username=carol&room=log"));
     carol.expect("welcome");
     let joined = carol.expect("joined");
-    let history: Vec<u64> = joined["history"]
-        .as_array()
-        .expect("history")
-        .iter()
-        .map(|m| m["id"].as_u64().expect("id"))
-        .collect();
+    let history: Vec<u64> = common::ids(&joined["history"]);
     assert_eq!(history, ids);
     carol.send(json!({"type":"history","room":"log","before":ids[3],"limit":2}));
     let page = carol.expect("history");
-    let paged: Vec<u64> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["id"].as_u64().expect("id"))
-        .collect();
+    let paged: Vec<u64> = common::ids(&page["messages"]);
     assert_eq!(paged, ids[1..3]);
     drop(carol);
     let mut again = Client::connect(&b.url(&format!("username=dave&room=log&since={}", ids[1])));
     again.expect("welcome");
     let joined = again.expect("joined");
-    let resumed: Vec<u64> = joined["history"]
-        .as_array()
-        .expect("history")
-        .iter()
-        .map(|m| m["id"].as_u64().expect("id"))
-        .collect();
+    let resumed: Vec<u64> = common::ids(&joined["history"]);
     assert_eq!(resumed, ids[2..]);
 }
 

@@ -130,13 +130,7 @@ fn say(c: &mut Client, room: &str, content: &str) -> u64 {
 /// The ids of `room`'s history (`history` command, newest 500).
 fn history_ids(c: &mut Client, room: &str) -> Vec<u64> {
     c.send(json!({"type": "history", "room": room, "limit": 500}));
-    let ev = c.expect("history");
-    ev["messages"]
-        .as_array()
-        .expect("messages array")
-        .iter()
-        .map(|m| m["id"].as_u64().expect("id"))
-        .collect()
+    common::ids(&c.expect("history")["messages"])
 }
 
 fn assert_increasing(ids: &[u64], what: &str) {
@@ -165,12 +159,7 @@ fn restart_keeps_history_and_ids() {
     assert_eq!(history_ids(&mut b, "lobby"), sent);
     b.send(json!({"type": "history", "room": "lobby", "before": sent[5], "limit": 2}));
     let page = b.expect("history");
-    let page: Vec<u64> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["id"].as_u64().expect("id"))
-        .collect();
+    let page: Vec<u64> = common::ids(&page["messages"]);
     assert_eq!(page, sent[3..5]);
     b.send(json!({"type": "join", "room": "lobby2", "since": 0}));
     b.expect("joined");
@@ -181,12 +170,7 @@ fn restart_keeps_history_and_ids() {
     // A resume (`since`) after the restart gets exactly the newer messages.
     let mut c = server.connect("carol", &format!("lobby&since={}", sent[5]));
     let joined = c.expect("joined");
-    let resumed: Vec<u64> = joined["history"]
-        .as_array()
-        .expect("history")
-        .iter()
-        .map(|m| m["id"].as_u64().expect("id"))
-        .collect();
+    let resumed: Vec<u64> = common::ids(&joined["history"]);
     assert_eq!(resumed, vec![sent[6], sent[7], next]);
 }
 

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use super::{clip, fit_newest, Dispatcher, Effects, Refusal, MAX_USERS_LISTED};
+use super::{clip, fit_newest, joined_frame, Dispatcher, Effects, Refusal, MAX_USERS_LISTED};
 use crate::cluster::{Answer, Completion, Publication, Request, Ticket, Unavailable};
 use crate::protocol::{self, ErrorCode, Frame};
 use crate::rate::Bucket;
@@ -678,22 +678,9 @@ impl Dispatcher {
         let total = users.len();
         users.truncate(MAX_USERS_LISTED);
         let names: Vec<&str> = users.iter().map(String::as_str).collect();
-        let content = if total > names.len() {
-            format!("joined {room} ({} of {total} members listed)", names.len())
-        } else {
-            format!("joined {room}")
-        };
         out.to(
             key,
-            protocol::encode_frame(&protocol::Joined {
-                kind: "joined",
-                content: &content,
-                room: &room,
-                users: &names,
-                history: &history,
-                more,
-                reference,
-            }),
+            joined_frame(&room, &names, total, &history, more, reference),
         );
         for (id, frame) in held {
             if id.map_or(true, |id| id > last_id) {

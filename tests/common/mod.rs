@@ -283,6 +283,16 @@ impl Client {
     }
 }
 
+/// The ids of a list of `message` events (`joined.history`,
+/// `history.messages`), in order.
+pub fn ids(list: &Value) -> Vec<u64> {
+    list.as_array()
+        .expect("a list of messages")
+        .iter()
+        .map(|m| m["id"].as_u64().expect("id"))
+        .collect()
+}
+
 /// Make the kernel keep at most ~4 KiB for this client's unread input, so a
 /// client that does not read fills up quickly (slow-consumer tests).
 pub fn shrink_receive_buffer(stream: &TcpStream) {
