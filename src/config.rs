@@ -36,6 +36,9 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     pub heartbeat_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// `--pass-budget-us`: how long one pass of the loop may run before it
+    /// leaves the rest of its work for the next pass (`server.rs`).
+    pub pass_budget_us: u64,
     /// Empty: any origin.
     pub allowed_origins: Vec<String>,
     /// token → username, loaded from `--auth-file`.
@@ -102,6 +105,11 @@ impl Default for Config {
             // (nginx: 60 s) so that pings keep proxied connections alive.
             heartbeat_ms: 30_000,
             shutdown_grace_ms: 5_000,
+            // Well under the 10 ms in which a chat still feels instant,
+            // and long enough that a busy pass still batches many frames
+            // per write (a pass of 1 ms costs 1.3x the CPU per delivery of
+            // a 6 ms one in a mass leave: docs/performance.md).
+            pass_budget_us: 6_000,
             allowed_origins: Vec::new(),
             auth: None,
             echo: false,
@@ -236,6 +244,8 @@ Timers
   --handshake-timeout-ms N   drop a client that has not finished its handshake [{hs}]
   --heartbeat-ms N           ping a silent client after N ms, drop it after 2N [{hb}]
   --shutdown-grace-ms N      wait for close replies on SIGINT/SIGTERM [{grace}]
+  --pass-budget-us N         one loop pass's work before the rest waits for the
+                             next pass (mass connects and leaves) [{budget}]
 
 Logging
   --log-level LEVEL          error | warn | info | debug | trace [{level}] (or LOOPCHAT_LOG)
@@ -265,6 +275,7 @@ Logging
         hs = d.handshake_timeout_ms,
         hb = d.heartbeat_ms,
         grace = d.shutdown_grace_ms,
+        budget = d.pass_budget_us,
         level = d.log_level.as_str().to_lowercase(),
         ttl = d.node_ttl_ms,
     )
@@ -350,6 +361,15 @@ impl Config {
                     c.handshake_timeout_ms = positive(&mut p, "handshake-timeout-ms")?
                 }
                 Long("heartbeat-ms") => c.heartbeat_ms = positive(&mut p, "heartbeat-ms")?,
+                Long("pass-budget-us") => {
+                    c.pass_budget_us = positive(&mut p, "pass-budget-us")?;
+                    if c.pass_budget_us > 1_000_000 {
+                        return Err(ConfigError::BadValue {
+                            flag: "pass-budget-us",
+                            why: "must be at most 1000000 (one second)".into(),
+                        });
+                    }
+                }
                 Long("shutdown-grace-ms") => {
                     c.shutdown_grace_ms = value(&mut p, "shutdown-grace-ms")?
                 }
@@ -791,6 +811,7 @@ mod tests {
             "--handshake-timeout-ms",
             "--heartbeat-ms",
             "--shutdown-grace-ms",
+            "--pass-budget-us",
             "--log-level",
             "--trace-loop",
         ] {

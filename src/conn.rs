@@ -220,10 +220,18 @@ pub struct Conn {
     pub last_seen_ms: u64,
     /// A heartbeat ping is out and unanswered.
     pub pinged: bool,
-    /// Queued in the server's flush list for this iteration.
+    /// Queued in the server's flush list (`Server::dirty`).
     pub dirty: bool,
+    /// Queued in the server's list of connections to read next pass
+    /// (`Server::again`), so it is there at most once.
+    pub read_later: bool,
     /// Registered for WRITABLE too (after a flush left bytes behind).
     pub want_write: bool,
+    /// The socket reported a hang-up or an error: our writes can only
+    /// fail now, so nothing more is queued for it while its last bytes
+    /// wait to be read (a mass disconnect would otherwise queue each
+    /// leave notice for every member whose own hang-up is still unread).
+    pub hung_up: bool,
 }
 
 impl Conn {
@@ -239,7 +247,9 @@ impl Conn {
             last_seen_ms: now_ms,
             pinged: false,
             dirty: false,
+            read_later: false,
             want_write: false,
+            hung_up: false,
         }
     }
 

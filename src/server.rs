@@ -100,6 +100,68 @@ const REDIS_SUBSCRIPTION: Token = Token(usize::MAX - 5);
 /// iteration (the edge-triggered event will not come again by itself).
 const READ_BUDGET: usize = 128;
 
+/// Deliveries produced by a pass's reads after which it reads no more:
+/// applying and flushing them is the larger part of the pass.
+const DELIVERY_SHARE: usize = 8_192;
+/// Work every pass does whatever its budget, so that no list can starve
+/// (and a pass that the scheduler preempted still moves on).
+const MIN_READS: usize = 16;
+const MIN_TIMERS: usize = 64;
+const MIN_FLUSHES: usize = 64;
+
+/// The pass budget (`--pass-budget-us`). A pass stops taking on new work
+/// (reading ready connections, accepting, firing timers) once it has run
+/// half its budget or its reads have produced `DELIVERY_SHARE`
+/// deliveries, and stops flushing once it has run all of it; what is left
+/// waits in `again`, `dirty`, the accept queue and the timer heap for the
+/// next pass, which polls with a zero timeout.
+///
+/// Why: a mass event (10,000 sessions leaving at once is a million leave
+/// notices) would otherwise be one pass of hundreds of milliseconds in
+/// which no one else is read or written. Work is never dropped, only
+/// spread over passes, and each connection's frames keep their order: its
+/// outbox is FIFO and every list is served first in, first out.
+///
+/// Why time and not counts alone: one read costs a microsecond or a
+/// millisecond (a message into a room of 10,000), one flush one frame or
+/// sixty-four; the clock (a vDSO call) is cheap beside either.
+struct Budget {
+    start: Instant,
+    /// Connections read (and accepts made) in this pass.
+    reads: usize,
+    read_share: Duration,
+    total: Duration,
+}
+
+impl Budget {
+    fn new(total_us: u64) -> Budget {
+        Budget {
+            start: Instant::now(),
+            reads: 0,
+            read_share: Duration::from_micros(total_us / 2),
+            total: Duration::from_micros(total_us),
+        }
+    }
+
+    /// A new pass starts now.
+    fn restart(&mut self, now: Instant) {
+        self.start = now;
+        self.reads = 0;
+    }
+
+    /// The pass has done its share of reading, with `pending` deliveries
+    /// produced so far.
+    fn reads_spent(&self, pending: usize) -> bool {
+        self.reads >= MIN_READS
+            && (pending >= DELIVERY_SHARE || self.start.elapsed() >= self.read_share)
+    }
+
+    /// The whole pass budget is spent.
+    fn spent(&self) -> bool {
+        self.start.elapsed() >= self.total
+    }
+}
+
 /// Pending deliveries after which a batch delivers early (about 2.5 MiB of
 /// `(key, frame)` pairs) instead of waiting for the end of the batch.
 const OUTBOUND_SOFT_CAP: usize = 1 << 16;
@@ -239,16 +301,21 @@ pub struct Server {
     dispatcher: Dispatcher,
     out: Effects,
     timers: Timers,
-    /// Connections with output to flush this iteration (each at most
-    /// once: `Conn::dirty`). Emptied by `flush_dirty`.
-    dirty: Vec<usize>,
+    /// Connections with output to flush: (key, generation), each at most
+    /// once (`Conn::dirty`). Emptied by `flush_dirty`, or what the pass
+    /// budget left of it is flushed first by the next pass.
+    dirty: Vec<(usize, u64)>,
     /// Connections in `Phase::Gone`, whose slots `reap` frees after the
     /// batch. Emptied by `reap`.
     gone: Vec<usize>,
-    /// Connections whose read budget ran out: (key, generation), read
-    /// again next iteration by `continue_reads`.
+    /// Connections to read next pass: (key, generation). Those whose read
+    /// budget ran out, and those a spent pass budget left unread.
     again: Vec<(usize, u64)>,
     accept_retry_at: Option<u64>,
+    /// The pass budget ran out with the listener still ready.
+    accept_again: bool,
+    /// What the current pass may still spend.
+    budget: Budget,
     shutdown_deadline: Option<u64>,
     /// `--memory-limit` and what counts against it.
     memory: Option<Account>,
@@ -372,6 +439,8 @@ impl Server {
             gone: Vec::new(),
             again: Vec::new(),
             accept_retry_at: None,
+            accept_again: false,
+            budget: Budget::new(config.pass_budget_us),
             shutdown_deadline: None,
             memory: config.memory_limit.map(|b| Account::new(b as usize)),
             heaviest: Heaviest::new(),
@@ -423,11 +492,17 @@ impl Server {
                 return Err(ServerError::Poll(e));
             }
             let iteration_start = Instant::now();
-            self.counters.iterations += 1;
+            let cpu_start = thread_cpu_us();
+            self.budget.restart(iteration_start);
             let before = self.config.trace_loop.then(|| {
                 self.trace(&events, timeout);
                 self.trace_marks()
             });
+            // What the last pass left comes first: first in, first out.
+            self.continue_reads();
+            if std::mem::take(&mut self.accept_again) {
+                self.accept_all();
+            }
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -443,11 +518,17 @@ impl Server {
                     Token(key) => {
                         let readable =
                             event.is_readable() || event.is_read_closed() || event.is_error();
+                        // Both directions closed, or an error (a reset):
+                        // unlike a half-close, nothing written can arrive.
+                        if event.is_write_closed() || event.is_error() {
+                            if let Some(conn) = self.conns.get_mut(key) {
+                                conn.hung_up = true;
+                            }
+                        }
                         self.on_ready(key, readable, event.is_writable());
                     }
                 }
             }
-            self.continue_reads();
             self.fire_timers();
             self.tick_engine();
             self.settle();
@@ -461,10 +542,11 @@ impl Server {
                 self.settle();
             }
             let spent = iteration_start.elapsed().as_micros() as u64;
-            self.counters.slowest_iteration_us = self.counters.slowest_iteration_us.max(spent);
             if let Some(before) = before {
                 self.trace_done(before, spent);
             }
+            self.counters
+                .iteration(spent, thread_cpu_us().saturating_sub(cpu_start));
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || self.now_ms() >= deadline {
                     return self.finish();
@@ -476,7 +558,7 @@ impl Server {
     /// The poll timeout: zero when work is pending, else the time to the
     /// nearest deadline, else forever (an idle server uses no CPU).
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() {
+        if !self.again.is_empty() || !self.dirty.is_empty() || self.accept_again {
             return Some(Duration::ZERO);
         }
         let deadlines = [
@@ -509,7 +591,7 @@ impl Server {
             target: "loopchat::loop",
             "iteration {} done in {spent_us} us: {} frame(s) read, {} frame(s) queued, \
              {} flush(es) wrote {} byte(s), {} slot(s) freed; {} deadline(s) pending",
-            self.counters.iterations,
+            self.counters.iterations + 1,
             d[0],
             d[1],
             d[2],
@@ -522,7 +604,7 @@ impl Server {
     fn trace(&self, events: &Events, timeout: Option<Duration>) {
         let mut line = format!(
             "iteration {}: woke with {} event(s) (timeout {:?}):",
-            self.counters.iterations,
+            self.counters.iterations + 1,
             events.iter().count(),
             timeout
         );
@@ -571,10 +653,9 @@ impl Server {
                 // Before the flush: a connection shed here has its goodbye
                 // queued, and it must go out in this pass like any output.
                 self.check_memory();
-                if self.dirty.is_empty() {
+                if self.dirty.is_empty() || !self.flush_dirty() {
                     break;
                 }
-                self.flush_dirty();
             }
             // Sessions that ended while flushing asked the engine to part
             // and release: those requests must leave in this pass too.
@@ -715,6 +796,14 @@ impl Server {
             let Some(listener) = &self.listener else {
                 return;
             };
+            // The rest of the backlog waits for the next pass (the edge
+            // will not come again by itself: `accept_again` remembers it).
+            if self.reads_spent() {
+                self.accept_again = true;
+                self.counters.deferred += 1;
+                return;
+            }
+            self.budget.reads += 1;
             match listener.accept() {
                 Ok((sock, peer)) => self.admit_socket(sock, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -800,9 +889,23 @@ impl Server {
         if writable {
             self.mark_dirty(key);
         }
-        if readable {
-            self.read(key);
+        if !readable {
+            return;
         }
+        if !self.reads_spent() {
+            self.budget.reads += 1;
+            return self.read(key);
+        }
+        self.counters.deferred += 1;
+        if let Some(conn) = self.conns.get_mut(key).filter(|c| !c.read_later) {
+            conn.read_later = true;
+            self.again.push((key, conn.generation));
+        }
+    }
+
+    /// The pass has done its share of reading (see [`Budget`]).
+    fn reads_spent(&self) -> bool {
+        self.budget.reads_spent(self.out.sends.len())
     }
 
     /// Read whatever the connection's phase reads.
@@ -823,14 +926,26 @@ impl Server {
         }
     }
 
-    /// Connections whose read budget ran out last iteration.
+    /// Connections left to read by the last pass (read budget or pass
+    /// budget spent), oldest first; what this pass cannot take stays ahead
+    /// of what it adds.
     fn continue_reads(&mut self) {
-        for (key, generation) in std::mem::take(&mut self.again) {
-            if self
-                .conns
-                .get(key)
-                .is_some_and(|c| c.generation == generation && !c.is_gone())
-            {
+        let mut backlog = std::mem::take(&mut self.again).into_iter();
+        while let Some((key, generation)) = backlog.next() {
+            if self.reads_spent() {
+                let added = std::mem::replace(
+                    &mut self.again,
+                    std::iter::once((key, generation)).chain(backlog).collect(),
+                );
+                self.again.extend(added);
+                return;
+            }
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.generation == generation && !conn.is_gone() {
+                conn.read_later = false;
+                self.budget.reads += 1;
                 self.read(key);
             }
         }
@@ -1181,7 +1296,10 @@ impl Server {
         let mut budget = READ_BUDGET;
         loop {
             if budget == 0 {
-                again.push((key, conn.generation));
+                if !conn.read_later {
+                    conn.read_later = true;
+                    again.push((key, conn.generation));
+                }
                 break;
             }
             budget -= 1;
@@ -1300,7 +1418,7 @@ impl Server {
         if let Some(conn) = self.conns.get_mut(key) {
             if !conn.dirty {
                 conn.dirty = true;
-                self.dirty.push(key);
+                self.dirty.push((key, conn.generation));
             }
         }
     }
@@ -1348,7 +1466,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(to) else {
             return;
         };
-        if !conn.is_open() {
+        if !conn.is_open() || conn.hung_up {
             return;
         }
         let Some(wire) = conn.wire() else {
@@ -1387,12 +1505,31 @@ impl Server {
 
     /// Write every dirty connection's outbox until it is empty or the
     /// socket is full (`Outbox::write_to` hands up to 64 frames to each
-    /// `writev`).
-    fn flush_dirty(&mut self) {
-        for key in std::mem::take(&mut self.dirty) {
+    /// `writev`), oldest first, until the pass budget is spent. Returns
+    /// false when it stopped for the budget: the rest is flushed first by
+    /// the next pass.
+    fn flush_dirty(&mut self) -> bool {
+        let mut list = std::mem::take(&mut self.dirty).into_iter();
+        let mut done = 0;
+        while let Some((key, generation)) = list.next() {
+            if done >= MIN_FLUSHES && self.budget.spent() {
+                let rest: Vec<_> = std::iter::once((key, generation)).chain(list).collect();
+                self.counters.deferred += rest.len() as u64;
+                // Marked while flushing (a failed write's leave notices):
+                // after the older ones.
+                let added = std::mem::replace(&mut self.dirty, rest);
+                self.dirty.extend(added);
+                return false;
+            }
+            done += 1;
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
+            // A slot freed and reused since it was marked: the new
+            // connection marks itself when it has output.
+            if conn.generation != generation {
+                continue;
+            }
             conn.dirty = false;
             let Some(wire) = conn.wire() else {
                 continue;
@@ -1451,6 +1588,7 @@ impl Server {
                 }
             }
         }
+        true
     }
 
     // ---- the memory limit -----------------------------------------------
@@ -1702,7 +1840,14 @@ impl Server {
 
     fn fire_timers(&mut self) {
         let now = self.now_ms();
+        let mut fired = 0;
         loop {
+            // Due deadlines left by a spent budget stay due: the next poll
+            // has a zero timeout.
+            if fired >= MIN_TIMERS && self.reads_spent() {
+                break;
+            }
+            fired += 1;
             let Server { timers, conns, .. } = self;
             let Some(timer) = timers.pop_due(now, |k| conns.get(k).map(|c| c.generation)) else {
                 break;
@@ -1915,6 +2060,20 @@ fn refusal_answer(refusal: &Refusal) -> Vec<u8> {
 
 /// A node id unique per process: host-independent, from the pid and the
 /// start time.
+/// The loop thread's CPU time in microseconds (`CLOCK_THREAD_CPUTIME_ID`):
+/// what an iteration cost us, without the time the scheduler gave others.
+fn thread_cpu_us() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
 fn generated_node_id() -> String {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -2018,5 +2177,29 @@ mod tests {
         assert_eq!(lookup_token(&tokens, ""), None);
         assert!(constant_time_eq(b"", b""));
         assert!(!constant_time_eq(b"a", b"b"));
+    }
+
+    #[test]
+    fn a_pass_always_reads_its_minimum_then_stops_at_its_share() {
+        // A spent clock (a zero share) still lets MIN_READS through.
+        let mut spent_clock = Budget::new(1);
+        spent_clock.read_share = Duration::ZERO;
+        spent_clock.total = Duration::ZERO;
+        for _ in 0..MIN_READS {
+            assert!(!spent_clock.reads_spent(0));
+            spent_clock.reads += 1;
+        }
+        assert!(spent_clock.reads_spent(0));
+        assert!(spent_clock.spent());
+        // A fresh clock: only the deliveries produced stop the reads.
+        let mut fresh = Budget::new(1_000_000);
+        fresh.reads = MIN_READS;
+        assert!(!fresh.reads_spent(DELIVERY_SHARE - 1));
+        assert!(fresh.reads_spent(DELIVERY_SHARE));
+        assert!(!fresh.spent());
+        // A new pass starts from nothing.
+        spent_clock.restart(Instant::now() + Duration::from_secs(60));
+        assert_eq!(spent_clock.reads, 0);
+        assert!(!spent_clock.reads_spent(DELIVERY_SHARE));
     }
 }

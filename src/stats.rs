@@ -75,6 +75,9 @@ pub const CONTRACT_FIELDS: [&str; 6] = [
     "uptime_s",
 ];
 
+/// The thresholds of `loop_iterations_over_ms`, in milliseconds.
+pub const ITERATION_OVER_MS: [u64; 7] = [1, 2, 5, 10, 20, 50, 100];
+
 /// Counters the loop bumps.
 #[derive(Debug, Default, Clone)]
 pub struct LoopCounters {
@@ -90,6 +93,19 @@ pub struct LoopCounters {
     pub accept_fd_exhausted: u64,
     pub iterations: u64,
     pub slowest_iteration_us: u64,
+    /// The most CPU time one iteration took (the loop thread's own CPU
+    /// clock: unlike the wall clock above, it leaves out the time another
+    /// process on the same core took from us).
+    pub slowest_iteration_cpu_us: u64,
+    /// Iterations that took more CPU time than each of
+    /// [`ITERATION_OVER_MS`], and the CPU time all iterations took: enough
+    /// to see, over any window, whether a mass event made the loop slow
+    /// (the slowest since start cannot show it).
+    pub iterations_over: [u64; ITERATION_OVER_MS.len()],
+    pub busy_us: u64,
+    /// Work a pass left for the next one because its budget was spent
+    /// (a connection's read, a flush, the accept queue).
+    pub deferred: u64,
     pub http_answers: u64,
     /// WebSocket frames read (data and control).
     pub frames_in: u64,
@@ -109,6 +125,19 @@ pub struct LoopCounters {
 impl LoopCounters {
     pub fn reject(&mut self, why: Reject) {
         self.rejected[why as usize] += 1;
+    }
+
+    /// One iteration took `wall_us` microseconds, `cpu_us` of them on CPU.
+    pub fn iteration(&mut self, wall_us: u64, cpu_us: u64) {
+        self.iterations += 1;
+        self.busy_us += cpu_us;
+        self.slowest_iteration_us = self.slowest_iteration_us.max(wall_us);
+        self.slowest_iteration_cpu_us = self.slowest_iteration_cpu_us.max(cpu_us);
+        for (count, ms) in self.iterations_over.iter_mut().zip(ITERATION_OVER_MS) {
+            if cpu_us > ms * 1000 {
+                *count += 1;
+            }
+        }
     }
 }
 
@@ -199,6 +228,11 @@ impl Snapshot {
             .map(|(k, v)| (k.to_string(), (*v).into()))
             .collect();
         let l = &self.loops;
+        let over: serde_json::Map<String, serde_json::Value> = ITERATION_OVER_MS
+            .iter()
+            .zip(l.iterations_over)
+            .map(|(ms, n)| (ms.to_string(), n.into()))
+            .collect();
         let mut body = serde_json::json!({
             "connections": self.connections,
             "rooms": self.rooms,
@@ -227,6 +261,10 @@ impl Snapshot {
             "timers": self.timers,
             "loop_iterations": l.iterations,
             "loop_slowest_us": l.slowest_iteration_us,
+            "loop_slowest_cpu_us": l.slowest_iteration_cpu_us,
+            "loop_iterations_over_ms": over,
+            "loop_cpu_us": l.busy_us,
+            "loop_deferred": l.deferred,
             "http_answers": l.http_answers,
             "store": store,
             "rss_bytes": self.rss_bytes,
@@ -442,6 +480,12 @@ impl Snapshot {
             "Longest loop iteration so far.",
             &[("", l.slowest_iteration_us)],
         );
+        metric(
+            "loop_deferred_total",
+            "counter",
+            "Reads, flushes and accepts a pass left for the next (its budget spent).",
+            &[("", l.deferred)],
+        );
         for (name, value) in &self.store {
             let kind = if name.ends_with("_us") || name.ends_with("_bytes") {
                 "gauge"
@@ -461,6 +505,21 @@ impl Snapshot {
             "Seconds since start.",
             &[("", self.uptime_s)],
         );
+        // A histogram in microseconds (integers), from the "over" counts.
+        let name = "loopchat_loop_iteration_cpu_microseconds";
+        let _ = writeln!(out, "# HELP {name} CPU time of each loop iteration.");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (ms, over) in ITERATION_OVER_MS.iter().zip(l.iterations_over) {
+            let le = ms * 1000;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{le}\"}} {}",
+                l.iterations.saturating_sub(over)
+            );
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", l.iterations);
+        let _ = writeln!(out, "{name}_sum {}", l.busy_us);
+        let _ = writeln!(out, "{name}_count {}", l.iterations);
         out
     }
 }
@@ -506,5 +565,28 @@ mod tests {
         assert!(text.contains("loopchat_rejected_total{reason=\"taken\"} 1"));
         assert!(text.contains("loopchat_store_appends_total 4"));
         assert!(text.contains("loopchat_connections_by_state{state=\"open\"} 2"));
+    }
+
+    #[test]
+    fn iteration_durations_are_counted_over_each_threshold() {
+        let mut s = Snapshot::default();
+        for us in [400, 1_500, 12_000, 250_000] {
+            s.loops.iteration(us + 7, us);
+        }
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(v["loop_iterations"], 4);
+        assert_eq!(v["loop_slowest_us"], 250_007);
+        assert_eq!(v["loop_slowest_cpu_us"], 250_000);
+        assert_eq!(v["loop_cpu_us"], 263_900);
+        let over = &v["loop_iterations_over_ms"];
+        assert_eq!(
+            ["1", "2", "5", "10", "20", "50", "100"].map(|k| over[k].as_u64().unwrap()),
+            [3, 2, 2, 2, 1, 1, 1]
+        );
+        let text = s.to_prometheus();
+        assert!(text.contains("loopchat_loop_iteration_cpu_microseconds_bucket{le=\"1000\"} 1"));
+        assert!(text.contains("loopchat_loop_iteration_cpu_microseconds_bucket{le=\"10000\"} 2"));
+        assert!(text.contains("loopchat_loop_iteration_cpu_microseconds_bucket{le=\"+Inf\"} 4"));
+        assert!(text.contains("loopchat_loop_iteration_cpu_microseconds_count 4"));
     }
 }

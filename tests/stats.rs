@@ -76,7 +76,7 @@ fn metrics_parse_and_track() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut parts = rest.split(' ');
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
-            assert!(matches!(kind, "counter" | "gauge"), "{line}");
+            assert!(matches!(kind, "counter" | "gauge" | "histogram"), "{line}");
             types.insert(name.to_string(), kind.to_string());
             continue;
         }
@@ -86,8 +86,16 @@ fn metrics_parse_and_track() {
         let (series, value) = line.rsplit_once(' ').expect("series and value");
         let name = series.split('{').next().unwrap();
         assert!(name.starts_with("loopchat_"), "{line}");
+        // A histogram's series are its name with _bucket, _sum, _count.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                let base = name.strip_suffix(suffix)?;
+                (types.get(base).map(String::as_str) == Some("histogram")).then_some(base)
+            })
+            .unwrap_or(name);
         let kind = types
-            .get(name)
+            .get(family)
             .unwrap_or_else(|| panic!("no TYPE for {name}"));
         if kind == "counter" {
             assert!(

@@ -13,6 +13,26 @@ pub enum Scenario {
     Idle,
     Fanout,
     Churn,
+    Mass,
+}
+
+/// How the `mass` scenario's sessions leave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaveHow {
+    /// A close frame each, as a polite client does.
+    Close,
+    /// The socket closed without a close frame, as when a client's process
+    /// or network dies.
+    Drop,
+}
+
+impl LeaveHow {
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaveHow::Close => "close",
+            LeaveHow::Drop => "drop",
+        }
+    }
 }
 
 impl Scenario {
@@ -21,6 +41,7 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Fanout => "fanout",
             Scenario::Churn => "churn",
+            Scenario::Mass => "mass",
         }
     }
 }
@@ -65,6 +86,10 @@ pub struct Options {
     // churn
     pub cycles: u64,
     pub concurrency: u64,
+    // mass
+    pub probes: u64,
+    pub probe_rate: f64,
+    pub leave: LeaveHow,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -97,7 +122,7 @@ impl From<lexopt::Error> for ArgsError {
 pub const HELP: &str = "\
 loopchat-load: load generator for the loopchat server (loopback only)
 
-USAGE: loopchat-load <idle|fanout|churn> [FLAGS]
+USAGE: loopchat-load <idle|fanout|churn|mass> [FLAGS]
 
 SCENARIOS
   idle     open --conns sessions at --rate/s, hold them --hold-s; connect times,
@@ -107,6 +132,10 @@ SCENARIOS
   churn    connect, welcome, one message, close; --concurrency at a time,
            --cycles in all; handshakes/s, server CPU per cycle and RSS growth
            (with --pid)
+  mass     --conns sessions arrive at once (--rate) and, after --hold-s, all
+           leave at once; --probes bystanders chat meanwhile in a room of their
+           own; per phase: the server's slowest iterations (/stats), CPU (with
+           --pid) and the probes' latency
 
 COMMON FLAGS (default in brackets)
   --url URL               server WebSocket URL, loopback only [ws://127.0.0.1:8080/ws];
@@ -117,7 +146,8 @@ COMMON FLAGS (default in brackets)
   --duration-s S          hard cap on the whole run; it stops by itself [120]
   --connect-timeout-s S   per connection: TCP connect + handshake, and each wait
                           for welcome/joined/echo [10]
-  --rate R                new connections per second (idle, fanout) [500]
+  --rate R                new connections per second (idle, fanout, mass)
+                          [500; mass: 100000]
   --pid PID|auto          server process for RSS/CPU from /proc (auto: the one
                           listening on the URL's port) [none]
   --room NAME             room name (idle: prefix of NAME-0, NAME-1, ...) [ld-<tag>]
@@ -126,10 +156,17 @@ COMMON FLAGS (default in brackets)
   --quiet                 no progress line on stderr [off]
   -h, --help              this text
 
-IDLE
+IDLE, MASS
   --conns N               sessions to open [1000]
-  --hold-s S              how long to hold them once all are open [10]
+  --hold-s S              how long to hold them once all are open [10; mass: 2]
   --room-size N           sessions per room (join notices grow as N^2) [100]
+
+MASS
+  --probes N              bystander sessions timing their own messages [4]
+  --probe-rate X          messages/s each probe sends (the server's default
+                          rate limit is 20/s) [10]
+  --leave close|drop      how the sessions leave: a close frame each, or the
+                          socket closed without one [drop]
 
 FANOUT
   --receivers R           sessions in the room [100]
@@ -154,10 +191,13 @@ run error; 2 bad flags.
 
 /// Which scenarios each scenario-specific flag applies to.
 const ONLY: &[(&str, &[Scenario])] = &[
-    ("rate", &[Scenario::Idle, Scenario::Fanout]),
-    ("conns", &[Scenario::Idle]),
-    ("hold-s", &[Scenario::Idle]),
-    ("room-size", &[Scenario::Idle]),
+    ("rate", &[Scenario::Idle, Scenario::Fanout, Scenario::Mass]),
+    ("conns", &[Scenario::Idle, Scenario::Mass]),
+    ("hold-s", &[Scenario::Idle, Scenario::Mass]),
+    ("room-size", &[Scenario::Idle, Scenario::Mass]),
+    ("probes", &[Scenario::Mass]),
+    ("probe-rate", &[Scenario::Mass]),
+    ("leave", &[Scenario::Mass]),
     ("receivers", &[Scenario::Fanout]),
     ("senders", &[Scenario::Fanout]),
     ("messages", &[Scenario::Fanout]),
@@ -211,6 +251,9 @@ pub fn parse(
         payload: 100,
         cycles: 1000,
         concurrency: 50,
+        probes: 4,
+        probe_rate: 10.0,
+        leave: LeaveHow::Drop,
     };
     while let Some(arg) = parser.next()? {
         let flag = match &arg {
@@ -222,9 +265,10 @@ pub fn parse(
                     Some("idle") => Scenario::Idle,
                     Some("fanout") => Scenario::Fanout,
                     Some("churn") => Scenario::Churn,
+                    Some("mass") => Scenario::Mass,
                     _ => {
                         return Err(ArgsError::Usage(format!(
-                            "unknown scenario {v:?}: use idle, fanout or churn"
+                            "unknown scenario {v:?}: use idle, fanout, churn or mass"
                         )))
                     }
                 });
@@ -269,12 +313,35 @@ pub fn parse(
             "payload-bytes" => o.payload = value(&mut parser, &flag)?,
             "cycles" => o.cycles = value(&mut parser, &flag)?,
             "concurrency" => o.concurrency = value(&mut parser, &flag)?,
+            "probes" => o.probes = value(&mut parser, &flag)?,
+            "probe-rate" => o.probe_rate = value(&mut parser, &flag)?,
+            "leave" => {
+                let v: String = value(&mut parser, &flag)?;
+                o.leave = match v.as_str() {
+                    "close" => LeaveHow::Close,
+                    "drop" => LeaveHow::Drop,
+                    _ => {
+                        return Err(ArgsError::Usage(format!(
+                            "--leave: bad value {v:?}: use close or drop"
+                        )))
+                    }
+                };
+            }
             _ => return Err(ArgsError::Usage(format!("unknown flag --{flag}"))),
         }
         seen.push(flag);
     }
     o.scenario = scenario
-        .ok_or_else(|| ArgsError::Usage("missing scenario: idle, fanout or churn".into()))?;
+        .ok_or_else(|| ArgsError::Usage("missing scenario: idle, fanout, churn or mass".into()))?;
+    if o.scenario == Scenario::Mass {
+        // A mass event: as fast as the tool can open, a short hold.
+        if !seen.iter().any(|f| f == "rate") {
+            o.rate = 100_000.0;
+        }
+        if !seen.iter().any(|f| f == "hold-s") {
+            o.hold_s = 2.0;
+        }
+    }
     for flag in &seen {
         if let Some((_, allowed)) = ONLY.iter().find(|(f, _)| f == flag) {
             if !allowed.contains(&o.scenario) {
@@ -347,6 +414,14 @@ fn check(o: &Options) -> Result<(), ArgsError> {
         Scenario::Churn if o.cycles == 0 || o.concurrency == 0 => {
             fail("--cycles and --concurrency must be at least 1")
         }
+        Scenario::Mass if o.conns == 0 || o.room_size == 0 || o.probes == 0 => {
+            fail("--conns, --room-size and --probes must be at least 1")
+        }
+        Scenario::Mass
+            if !(o.probe_rate.is_finite() && o.probe_rate > 0.0 && o.probe_rate <= 1000.0) =>
+        {
+            fail("--probe-rate must be above 0 and at most 1000")
+        }
         _ => Ok(()),
     }
 }
@@ -370,6 +445,12 @@ mod tests {
         assert_eq!(o.target.addr.port(), 8080);
         assert_eq!(p("churn --pid auto").unwrap().pid, PidChoice::Auto);
         assert!(matches!(p("--help"), Err(ArgsError::Help)));
+        let m = p("mass --conns 50 --leave close").unwrap();
+        assert_eq!(
+            (m.conns, m.leave, m.rate, m.hold_s),
+            (50, LeaveHow::Close, 100_000.0, 2.0)
+        );
+        assert_eq!(p("mass --rate 300").unwrap().rate, 300.0);
     }
 
     #[test]
@@ -383,6 +464,10 @@ mod tests {
             "idle --url ws://192.168.1.1:80/ws",
             "idle --room a/b",
             "fanout extra",
+            "mass --leave sometimes",
+            "mass --probes 0",
+            "mass --probe-rate 0",
+            "fanout --probes 2",
         ] {
             assert!(matches!(p(bad), Err(ArgsError::Usage(_))), "{bad:?}");
         }

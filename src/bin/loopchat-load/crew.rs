@@ -16,7 +16,9 @@ use mio::Waker;
 
 pub const SETUP: u8 = 0;
 pub const GO: u8 = 1;
-pub const STOP: u8 = 2;
+pub const STOP: u8 = 3;
+/// `mass`: every session leaves at once (between `GO` and `STOP`).
+pub const LEAVE: u8 = 2;
 
 /// The server's limits as its `welcome` announced them.
 #[derive(Clone, Copy, Debug)]

@@ -201,6 +201,17 @@ impl<P> Driver<P> {
         }
     }
 
+    /// Closes every socket at once without a close frame (a client whose
+    /// process or network died); nothing is reported for them.
+    pub fn drop_all(&mut self) {
+        for mut conn in self.conns.drain() {
+            let _ = self.poll.registry().deregister(conn.stream_mut());
+        }
+        self.dirty.clear();
+        self.pending.clear();
+        self.reap.clear();
+    }
+
     /// Writes everything queued since the last call: one flush per
     /// connection per turn, however many messages it was given.
     pub fn flush(&mut self) {

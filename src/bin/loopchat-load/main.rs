@@ -13,7 +13,7 @@
 //! - `driver.rs`  one thread's poll loop machinery: Poll, Waker, Slab, reaping
 //! - `crew.rs`    the worker threads, run phases, shared counters, progress line
 //! - `wire.rs`    the chat events and commands the tool reads and writes
-//! - `idle.rs`, `fanout.rs`, `churn.rs`   the scenarios, each one loop body
+//! - `idle.rs`, `fanout.rs`, `churn.rs`, `mass.rs`   the scenarios, each one loop body
 //! - `hist.rs`    the log-bucketed latency histogram
 //! - `probe.rs`   the server seen from outside: /proc/PID and GET /stats
 //! - `report.rs`  human text and `--json` from the same numbers
@@ -29,6 +29,7 @@ mod driver;
 mod fanout;
 mod hist;
 mod idle;
+mod mass;
 mod net;
 mod probe;
 mod report;
@@ -103,6 +104,7 @@ fn run(o: &Options) -> Result<report::Report, String> {
         Scenario::Idle => o.conns,
         Scenario::Fanout => o.receivers,
         Scenario::Churn => o.concurrency,
+        Scenario::Mass => o.conns + o.probes,
     };
     if sessions + SPARE_FDS > limit {
         return Err(format!(
@@ -119,6 +121,7 @@ fn run(o: &Options) -> Result<report::Report, String> {
         Scenario::Idle => idle::run(o, &probe),
         Scenario::Fanout => fanout::run(o, &probe),
         Scenario::Churn => churn::run(o, &probe),
+        Scenario::Mass => mass::run(o, &probe),
     };
     result.map_err(|e| e.to_string())
 }

@@ -143,7 +143,7 @@ fn proc_rss_kb(pid: u32) -> Option<u64> {
 }
 
 /// `GET /stats` on the target's host, as a JSON object; `None` on any failure.
-fn fetch_stats(target: &Target) -> Option<serde_json::Map<String, serde_json::Value>> {
+pub fn fetch_stats(target: &Target) -> Option<serde_json::Map<String, serde_json::Value>> {
     let mut stream = TcpStream::connect_timeout(&target.addr, STATS_TIMEOUT).ok()?;
     stream.set_read_timeout(Some(STATS_TIMEOUT)).ok()?;
     stream.set_write_timeout(Some(STATS_TIMEOUT)).ok()?;
