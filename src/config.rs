@@ -105,10 +105,11 @@ impl Default for Config {
             // (nginx: 60 s) so that pings keep proxied connections alive.
             heartbeat_ms: 30_000,
             shutdown_grace_ms: 5_000,
-            // Well under the 10 ms in which a chat still feels instant,
-            // and long enough that a busy pass still batches many frames
-            // per write (a pass of 1 ms costs 1.3x the CPU per delivery of
-            // a 6 ms one in a mass leave: docs/performance.md).
+            // Keeps every pass under 10 ms of CPU with room to spare (the
+            // last flush or read may overrun it a little), and long
+            // enough that a busy pass still batches many frames per write:
+            // a smaller budget costs more CPU in all (docs/performance.md,
+            // "Mass events").
             pass_budget_us: 6_000,
             allowed_origins: Vec::new(),
             auth: None,

@@ -107,7 +107,7 @@ const DELIVERY_SHARE: usize = 8_192;
 /// (and a pass that the scheduler preempted still moves on).
 const MIN_READS: usize = 16;
 const MIN_TIMERS: usize = 64;
-const MIN_FLUSHES: usize = 64;
+const MIN_FLUSHES: usize = 8;
 
 /// The pass budget (`--pass-budget-us`). A pass stops taking on new work
 /// (reading ready connections, accepting, firing timers) once it has run
@@ -542,11 +542,11 @@ impl Server {
                 self.settle();
             }
             let spent = iteration_start.elapsed().as_micros() as u64;
+            let cpu = thread_cpu_us().saturating_sub(cpu_start);
             if let Some(before) = before {
-                self.trace_done(before, spent);
+                self.trace_done(before, spent, cpu);
             }
-            self.counters
-                .iteration(spent, thread_cpu_us().saturating_sub(cpu_start));
+            self.counters.iteration(spent, cpu);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || self.now_ms() >= deadline {
                     return self.finish();
@@ -584,12 +584,12 @@ impl Server {
     }
 
     /// `--trace-loop`: what one pass did, after it did it.
-    fn trace_done(&self, before: [u64; 5], spent_us: u64) {
+    fn trace_done(&self, before: [u64; 5], spent_us: u64, cpu_us: u64) {
         let now = self.trace_marks();
         let d: Vec<u64> = now.iter().zip(before).map(|(a, b)| a - b).collect();
         log::info!(
             target: "loopchat::loop",
-            "iteration {} done in {spent_us} us: {} frame(s) read, {} frame(s) queued, \
+            "iteration {} done in {spent_us} us ({cpu_us} us CPU): {} frame(s) read, {} frame(s) queued, \
              {} flush(es) wrote {} byte(s), {} slot(s) freed; {} deadline(s) pending",
             self.counters.iterations + 1,
             d[0],
@@ -1534,7 +1534,12 @@ impl Server {
             let Some(wire) = conn.wire() else {
                 continue;
             };
-            let result = wire.outbox.write_to(&mut wire.sock);
+            let mut sock = Counted {
+                inner: &mut wire.sock,
+                calls: 0,
+            };
+            let result = wire.outbox.write_to(&mut sock);
+            self.counters.writes += sock.calls;
             if self.memory.is_some() {
                 let queued = wire.outbox.queued();
                 // Only sessions are shed; one saying goodbye holds little.
@@ -2060,6 +2065,29 @@ fn refusal_answer(refusal: &Refusal) -> Vec<u8> {
 
 /// A node id unique per process: host-independent, from the pid and the
 /// start time.
+/// A socket that counts the `writev` calls made on it (`/stats` `writes`:
+/// how many frames share one system call).
+struct Counted<'a, W> {
+    inner: &'a mut W,
+    calls: u64,
+}
+
+impl<W: io::Write> io::Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.calls += 1;
+        self.inner.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.calls += 1;
+        self.inner.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The loop thread's CPU time in microseconds (`CLOCK_THREAD_CPUTIME_ID`):
 /// what an iteration cost us, without the time the scheduler gave others.
 fn thread_cpu_us() -> u64 {

@@ -114,6 +114,9 @@ pub struct LoopCounters {
     pub frames_queued: u64,
     /// Outbox flushes (each one or more `writev` calls on one socket).
     pub flushes: u64,
+    /// `writev` calls made by flushes: `frames_queued / writes` is how
+    /// many frames share one system call.
+    pub writes: u64,
     /// Slab slots freed by `reap`.
     pub removed: u64,
     /// Connections closed with 1013 to stay under `--memory-limit`.
@@ -275,6 +278,15 @@ impl Snapshot {
             "memory_episodes": l.memory_episodes,
         });
         if let Some(fields) = body.as_object_mut() {
+            // Outside the json! literal, which has a recursion limit.
+            for (name, value) in [
+                ("frames_in", l.frames_in),
+                ("frames_queued", l.frames_queued),
+                ("flushes", l.flushes),
+                ("writes", l.writes),
+            ] {
+                fields.insert(name.to_string(), value.into());
+            }
             for (name, value) in &self.cluster {
                 fields.insert(name.to_string(), (*value).into());
             }
@@ -479,6 +491,18 @@ impl Snapshot {
             "gauge",
             "Longest loop iteration so far.",
             &[("", l.slowest_iteration_us)],
+        );
+        metric(
+            "frames_queued_total",
+            "counter",
+            "Frames queued in outboxes.",
+            &[("", l.frames_queued)],
+        );
+        metric(
+            "writes_total",
+            "counter",
+            "writev calls made by outbox flushes.",
+            &[("", l.writes)],
         );
         metric(
             "loop_deferred_total",

@@ -2,8 +2,8 @@
 //! reads and flushes for the next one, nothing is lost, duplicated or
 //! reordered. The budget here is one microsecond, so every pass that has
 //! more than a few connections to flush leaves the rest for the next: a
-//! join into a room of 150 makes 149 outboxes dirty in one pass, over the
-//! 64 flushes a pass always does.
+//! join into a room of 150 makes 149 outboxes dirty in one pass, far over
+//! the few flushes a pass always does (`MIN_FLUSHES`).
 
 mod common;
 

@@ -295,7 +295,9 @@ fn probe_worker(w: &Worker, o: &Options, probes: &Probes) -> Result<Share, Strin
                 }
                 ConnEvent::Ended(how) => {
                     if !stopping {
-                        return Err(format!("a probe session ended: {}", how.label()));
+                        // The run goes on without it; the report says so.
+                        wire::bump(&mut share.dropped, format!("probe: {}", how.label()));
+                        keys.retain(|&(_, k)| k != key);
                     }
                 }
             }
@@ -540,6 +542,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         "failures": failures,
         "failure_reasons": report::tally_json(&total.failures),
         "dropped_during_hold": dropped,
+        "dropped_reasons": report::tally_json(&total.dropped),
         "errors": report::tally_json(&total.errors),
         "slowest_iteration_cpu_us": last.slowest_us,
         "slowest_iteration_wall_us": last.slowest_wall_us,
