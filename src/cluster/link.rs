@@ -418,6 +418,14 @@ impl<T> Link<T> {
                     }
                     self.inbuf.extend_from_slice(&chunk[..n]);
                     self.decode(events).map_err(|e| e.to_string())?;
+                    // A short read emptied the socket's receive queue: what
+                    // arrives later is a new readiness edge, so the read
+                    // that would only say WouldBlock is one syscall per
+                    // wake-up saved. (A close that raced the data is then
+                    // seen at the next edge, or by the reply deadline.)
+                    if n < chunk.len() {
+                        return Ok(());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
