@@ -90,13 +90,23 @@ def commandstats(port):
             out[m.group(1)] = int(m.group(2))
     return out
 
+def wakeups(pid):
+    # Voluntary context switches: each is the process going to sleep in
+    # epoll_wait (or a blocking read) and being woken again.
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
 def measure(label, args, ports, pids, redis_pid, redis_port=None):
     # The tool reads every --pid's CPU (schedstat, ns) from "go" to the
     # last delivery, summed and per pid.
     allp = pids + ([redis_pid] if redis_pid else [])
     pid_args = [a for p in allp for a in ("--pid", str(p))]
     before = commandstats(redis_port) if redis_port else {}
+    woke = {p: wakeups(p) for p in allp}
     r = tool(args + pid_args, ports)
+    woke = {p: wakeups(p) - w for p, w in woke.items()}
     after = commandstats(redis_port) if redis_port else {}
     calls = {k: v - before.get(k, 0) for k, v in after.items() if k != "info"}
     server = r.get("server") or {}
@@ -111,6 +121,8 @@ def measure(label, args, ports, pids, redis_pid, redis_port=None):
            "nodes_cpu_us_per_delivery": (total - red) * 1e6 / max(r["deliveries"], 1),
            "redis_us_per_message": red * 1e6 / max(msgs, 1),
            "cpu_s_per_pid": each,
+           # Over the whole run (joins included), per message.
+           "wakeups_per_message": {p: round(w / max(msgs, 1), 2) for p, w in woke.items()},
            "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "per_s": r["deliveries_per_s"]}
     if redis_port:
         # Publish script calls: its ZADD, less the refresh script's (one
@@ -126,12 +138,24 @@ SAT = ["fanout", "--receivers", "100", "--senders", "10", "--messages", "1000", 
 RATE = ["fanout", "--receivers", "100", "--senders", "10", "--messages", "300", "--msg-rate", "500", "--threads", "2"]
 
 def members_load(n, paced):
-    # One sender in a room of n members over 3 nodes; saturated (window 16)
-    # or paced at 200 msg/s, where every message is its own script call.
+    # One sender in a room of n members over 3 nodes; saturated (window 16:
+    # 16 messages a publish call at every size), or paced at 30 msg/s for
+    # 10 s, where every message is its own call and every size runs as long
+    # (Redis also has work per second: its cron, the nodes' pings and
+    # refreshes), and even 3,000 members leave the nodes' core idle.
     load = ["fanout", "--receivers", str(n), "--senders", "1", "--threads", "3", "--rate", "2000"]
     if paced:
-        return load + ["--messages", "600", "--msg-rate", "200"]
+        return load + ["--messages", "300", "--msg-rate", "30"]
     return load + ["--messages", str(2000 if n <= 1000 else 700), "--msg-rate", "0", "--window", "16"]
+
+def cpu_s(pid):
+    return sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
+               for t in os.listdir(f"/proc/{pid}/task")) / 1e9
+
+def idle(label, redis_pid, seconds=5.0):
+    # Redis's CPU per second with the nodes connected and nothing to do.
+    a = cpu_s(redis_pid); time.sleep(seconds); b = cpu_s(redis_pid)
+    print(json.dumps({"label": label, "redis_idle_us_per_s": (b - a) * 1e6 / seconds}), flush=True)
 
 PARTS = os.environ.get("PARTS", "pair,members").split(",")
 MEMBERS = [int(m) for m in os.environ.get("MEMBERS", "99,1000,3000").split(",")]
@@ -163,9 +187,10 @@ try:
             red, rp = start_redis()
             nodes = [start_node(["--redis", f"redis://127.0.0.1:{rp}"]) for _ in range(3)]
             ports, pids = [p for _, p in nodes], [n.pid for n, _ in nodes]
+            idle("3 nodes idle", red.pid)
             for n in MEMBERS:
                 for paced in (False, True):
-                    label = f"3 nodes {n} members {'200/s' if paced else 'sat'}"
+                    label = f"3 nodes {n} members {'30/s' if paced else 'sat'}"
                     measure(label, members_load(n, paced) + ["--room", f"m{n}{paced}{run}"], ports, pids, red.pid, rp)
             kill_all()
 finally:
