@@ -46,8 +46,9 @@ pub const PREFIX: &str = "lc:";
 /// core); the reader does. JSON never holds a raw control character.
 const ID_MARK: char = '\u{1}';
 
-/// Most messages in one publish script call (each is three arguments; Lua
-/// unpacks the sorted-set arguments onto its stack, which holds 8,000).
+/// Most messages in one publish script call (each is one argument and two
+/// sorted-set arguments, which Lua unpacks onto its stack, which holds
+/// 8,000).
 const MAX_BATCH: usize = 256;
 
 /// How often the subscription link is pinged: a subscription that stopped

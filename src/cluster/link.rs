@@ -29,9 +29,10 @@ use mio::{Interest, Registry, Token};
 use super::resp::{self, Reply, RespError};
 use super::url::RedisUrl;
 
-/// A reply not received this long after its command was written means
-/// Redis is not serving us: the link is broken and commands answer
-/// `unavailable` until it is back. Far above a healthy Redis's latency
+/// No reply for this long while one is awaited (counted from the later of
+/// the oldest awaited command's sending and the last reply) means Redis is
+/// not serving us: the link is broken and commands answer `unavailable`
+/// until it is back. Far above a healthy Redis's latency
 /// (well under a millisecond on a LAN) and below a second, so that a Redis
 /// stalled by `DEBUG SLEEP 1` or a long `KEYS` counts as down.
 pub const REPLY_DEADLINE_MS: u64 = 750;
@@ -202,6 +203,14 @@ pub struct Link<T> {
     out_at: usize,
     inbuf: Vec<u8>,
     awaited: VecDeque<(Awaited<T>, u64)>,
+    /// When a reply last came. The deadline runs from the later of this
+    /// and the oldest command's sending: a Redis that is answering a long
+    /// pipeline in order (a burst of joins on a busy machine) is slow, not
+    /// gone; one that answers nothing for the deadline is gone.
+    answered_at: u64,
+    /// A publication came in the current read (on the subscription link,
+    /// that is Redis serving us too, whatever is queued before the pong).
+    heard: bool,
 }
 
 impl<T> Link<T> {
@@ -215,6 +224,8 @@ impl<T> Link<T> {
             out_at: 0,
             inbuf: Vec::new(),
             awaited: VecDeque::new(),
+            answered_at: 0,
+            heard: false,
         }
     }
 
@@ -232,9 +243,10 @@ impl<T> Link<T> {
         match &self.machine.state {
             State::Backoff { retry_at, .. } => Some(*retry_at),
             State::Connecting { since } => Some(since + CONNECT_DEADLINE_MS),
-            State::Setup { .. } | State::Ready => {
-                self.awaited.front().map(|(_, at)| at + REPLY_DEADLINE_MS)
-            }
+            State::Setup { .. } | State::Ready => self
+                .awaited
+                .front()
+                .map(|(_, at)| (*at).max(self.answered_at) + REPLY_DEADLINE_MS),
         }
     }
 
@@ -253,13 +265,24 @@ impl<T> Link<T> {
             }
             return;
         }
-        let late = match &self.machine.state {
-            State::Connecting { since } => now >= since + CONNECT_DEADLINE_MS,
-            _ => self
-                .awaited
+        let overdue = |link: &Self| {
+            link.awaited
                 .front()
-                .is_some_and(|(_, at)| now >= at + REPLY_DEADLINE_MS),
+                .is_some_and(|(_, at)| now >= (*at).max(link.answered_at) + REPLY_DEADLINE_MS)
         };
+        let mut late = match &self.machine.state {
+            State::Connecting { since } => now >= since + CONNECT_DEADLINE_MS,
+            _ => overdue(self),
+        };
+        if late && !matches!(self.machine.state, State::Connecting { .. }) {
+            // The loop may have been busy past the deadline (a long pass of
+            // fan-out) while the answer waited in the socket: read before
+            // blaming Redis.
+            if let Err(why) = self.read(now, events) {
+                return self.fail(now, registry, why, events);
+            }
+            late = overdue(self);
+        }
         if late {
             let why = format!("no answer within {REPLY_DEADLINE_MS} ms");
             self.fail(now, registry, why, events);
@@ -308,7 +331,7 @@ impl<T> Link<T> {
                 }
             }
         }
-        if let Err(why) = self.read(events) {
+        if let Err(why) = self.read(now, events) {
             return self.fail(now, registry, why, events);
         }
         if let Err(e) = self.flush() {
@@ -402,9 +425,21 @@ impl<T> Link<T> {
         }
     }
 
-    /// Read until `WouldBlock` (edge-triggered), decoding every complete
-    /// reply.
-    fn read(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
+    /// Read what the socket has, decoding every complete reply; note when
+    /// a reply came.
+    fn read(&mut self, now: u64, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
+        let awaited = self.awaited.len();
+        self.heard = false;
+        let read = self.read_socket(events);
+        if self.awaited.len() < awaited || self.heard {
+            self.answered_at = now;
+        }
+        read
+    }
+
+    /// Read until a short read or `WouldBlock` (edge-triggered), decoding
+    /// every complete reply.
+    fn read_socket(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             let Some(sock) = &mut self.sock else {
@@ -458,6 +493,7 @@ impl<T> Link<T> {
             if let Reply::Array(items) = &reply {
                 match items.first().and_then(Reply::text) {
                     Some("message") => {
+                        self.heard = true;
                         events.push(LinkEvent::Push(reply));
                         return Ok(());
                     }
