@@ -614,4 +614,80 @@ mod tests {
         };
         assert_ne!(waits(1), waits(2));
     }
+
+    /// Waits (each wait at most 5 s) until the link's socket holds
+    /// something to read, without reading it. Readiness alone is not
+    /// enough: an acknowledgement of what the link sent also wakes the
+    /// poll (writable).
+    fn wait_readable(poll: &mut mio::Poll, link: &Link<u32>) {
+        let mut ready = mio::Events::with_capacity(4);
+        for _ in 0..20 {
+            let mut peek = [0u8; 1];
+            if link.sock.as_ref().and_then(|s| s.peek(&mut peek).ok()) == Some(1) {
+                return;
+            }
+            poll.poll(&mut ready, Some(std::time::Duration::from_secs(5)))
+                .expect("poll");
+            assert!(!ready.is_empty(), "nothing to read within 5 s");
+        }
+        panic!("nothing to read after 20 wake-ups");
+    }
+
+    #[test]
+    fn the_deadline_runs_from_the_last_answer_and_reads_first() {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = RedisUrl {
+            addr: listener.local_addr().expect("addr").to_string(),
+            username: None,
+            password: None,
+            db: 0,
+        };
+        let mut poll = mio::Poll::new().expect("poll");
+        let mut link: Link<u32> = Link::new(Token(1), Role::Commands, 1);
+        let mut events = Vec::new();
+        link.tick(0, poll.registry(), &url, &mut events);
+        let (mut redis, _) = listener.accept().expect("accept");
+        redis
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut ready = mio::Events::with_capacity(4);
+        poll.poll(&mut ready, Some(std::time::Duration::from_secs(5)))
+            .expect("poll");
+        link.on_ready(0, poll.registry(), &url, &mut events);
+        assert!(link.is_ready(), "{:?}", link.machine.state);
+        for tag in 0..3 {
+            assert!(link.send(1_000, tag, &["PING"]).is_ok());
+        }
+        link.flush().expect("flush");
+        let mut got = [0u8; 64];
+        let mut read = 0;
+        while read < 3 * 14 {
+            read += redis.read(&mut got[read..]).expect("commands");
+        }
+        // The first answer comes at 1,500: the others may take until 2,250.
+        redis.write_all(b"+PONG\r\n").expect("answer");
+        wait_readable(&mut poll, &link);
+        link.on_ready(1_500, poll.registry(), &url, &mut events);
+        assert_eq!(link.in_flight(), 2);
+        assert_eq!(link.next_deadline(), Some(1_500 + REPLY_DEADLINE_MS));
+        link.tick(2_000, poll.registry(), &url, &mut events);
+        assert!(link.is_ready());
+        // The second answer is in the socket, unread, when the deadline is
+        // checked: it is read first, so the link stays up.
+        redis.write_all(b"+PONG\r\n").expect("answer");
+        wait_readable(&mut poll, &link);
+        link.tick(2_300, poll.registry(), &url, &mut events);
+        assert!(link.is_ready(), "{:?}", link.machine.state);
+        assert_eq!(link.in_flight(), 1);
+        // Nothing more comes: the deadline from the last answer fails it.
+        link.tick(
+            2_300 + REPLY_DEADLINE_MS,
+            poll.registry(),
+            &url,
+            &mut events,
+        );
+        assert!(!link.is_ready());
+        assert!(matches!(events.last(), Some(LinkEvent::Down(lost)) if lost == &vec![2]));
+    }
 }
