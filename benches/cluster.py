@@ -2,30 +2,31 @@
 """Cluster mode against a single node, side by side in one run
 (docs/performance.md, "Cluster mode"). Every server process (each node and
 redis-server) is pinned to core 0, loopchat-load to core 1; loopback only.
-CPU is each process's time on CPU from /proc/PID/task/*/schedstat (ns),
-sampled every 5 ms, over the message phase only (from "all joined" to the
-last delivery, as loopchat-load reports them). Bounded: every tool run has
---duration-s 90 and a 120 s timeout; everything started is killed on exit.
+CPU is what loopchat-load reports for every --pid (each node and
+redis-server): time on CPU from /proc/PID/task/*/schedstat (ns), from the
+start of the message phase to the last delivery. Redis's command counts
+come from INFO commandstats before and after each run. Bounded: every tool
+run has --duration-s 90 and a 120 s timeout; everything started is killed
+on exit.
 
 Usage: cargo build --release --bins && RUNS=3 python3 benches/cluster.py
+  PARTS=pair,members   which measurements (pair: single node against two
+                       nodes, 100 members; members: 3 nodes, room sizes)
+  MEMBERS=99,1000,2000 room sizes of the members part
+  LOOPCHAT=PATH        another server binary, to compare builds
 Prints one JSON line per measurement."""
-import json, os, shutil, socket, subprocess, tempfile, threading, time
+import json, os, re, shutil, socket, subprocess, tempfile, threading, time
 
 REL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release")
 RUNS = int(os.environ.get("RUNS", "3"))
+# Another server binary (e.g. an older build, to compare) instead of target/release's.
+SERVER = os.environ.get("LOOPCHAT", f"{REL}/loopchat")
+LOAD = os.environ.get("LOAD", f"{REL}/loopchat-load")
 procs = []
 dirs = []
 
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-def cpu(pid):
-    # Time on CPU in ns, all threads of the process (schedstat has ns
-    # resolution; /proc/PID/stat counts 10 ms ticks).
-    total = 0
-    for t in os.listdir(f"/proc/{pid}/task"):
-        total += int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
-    return total / 1e9
 
 def wait_line(proc, needle, timeout=20):
     end = time.time() + timeout
@@ -51,17 +52,26 @@ def start_redis():
 
 def start_node(extra):
     port = free_port()
-    p = subprocess.Popen(["taskset", "-c", "0", f"{REL}/loopchat", "--listen", f"127.0.0.1:{port}",
+    p = subprocess.Popen(["taskset", "-c", "0", SERVER, "--listen", f"127.0.0.1:{port}",
                           "--log-level", "info", "--rate-per-s", "100000", "--rate-burst", "100000"] + extra,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     procs.append(p)
     wait_line(p, "listening on")
     if "--redis" in extra:
         wait_line(p, "connected to redis")
+    # Keep reading its log: a full pipe would block the node's loop.
+    threading.Thread(target=drain, args=(p,), daemon=True).start()
     return p, port
 
+link_losses = []
+
+def drain(proc):
+    for line in proc.stderr:
+        if "lost redis" in line:
+            link_losses.append(line.strip())
+
 def tool(args, urls):
-    cmd = ["taskset", "-c", "1", f"{REL}/loopchat-load"] + args + ["--json", "--quiet", "--duration-s", "90"]
+    cmd = ["taskset", "-c", "1", LOAD] + args + ["--json", "--quiet", "--duration-s", "90"]
     for u in urls:
         cmd += ["--url", f"ws://127.0.0.1:{u}/ws"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -70,68 +80,132 @@ def tool(args, urls):
     except Exception:
         raise SystemExit(f"tool failed: {out.stdout} {out.stderr}")
 
-def sampler(pids, stop, out):
-    while not stop.is_set():
-        out.append((time.monotonic(), {p: cpu(p) for p in pids}))
-        time.sleep(0.005)
+def commandstats(port):
+    # INFO commandstats over a plain RESP socket: {command: calls}.
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+    buf = b""
+    while b"\r\n" not in buf:
+        buf += sock.recv(65536)
+    head, rest = buf.split(b"\r\n", 1)
+    want = int(head[1:]) + 2
+    while len(rest) < want:
+        rest += sock.recv(65536)
+    sock.close()
+    out = {}
+    for line in rest.decode().splitlines():
+        m = re.match(r"cmdstat_([a-z|_-]+):calls=(\d+)", line)
+        if m:
+            out[m.group(1)] = int(m.group(2))
+    return out
 
-def at(samples, t, pid):
-    best = min(samples, key=lambda s: abs(s[0] - t))
-    return best[1][pid]
+def wakeups(pid):
+    # Voluntary context switches: each is the process going to sleep in
+    # epoll_wait (or a blocking read) and being woken again.
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
-def measure(label, args, ports, pids, redis_pid):
+def measure(label, args, ports, pids, redis_pid, redis_port=None):
+    # The tool reads every --pid's CPU (schedstat, ns) from "go" to the
+    # last delivery, summed and per pid.
     allp = pids + ([redis_pid] if redis_pid else [])
-    samples, stop = [], threading.Event()
-    th = threading.Thread(target=sampler, args=(allp, stop, samples)); th.start()
-    t0 = time.monotonic()
-    r = tool(args, ports)
-    stop.set(); th.join()
-    # The message phase only: from all joined to the last delivery.
-    w0 = t0 + r["setup_s"]; w1 = w0 + r["delivery_s"]
-    d = {p: at(samples, w1, p) - at(samples, w0, p) for p in allp}
-    total = sum(d.values())
-    red = d[redis_pid] if redis_pid else 0.0
+    pid_args = [a for p in allp for a in ("--pid", str(p))]
+    before = commandstats(redis_port) if redis_port else {}
+    woke = {p: wakeups(p) for p in allp}
+    r = tool(args + pid_args, ports)
+    woke = {p: wakeups(p) - w for p, w in woke.items()}
+    after = commandstats(redis_port) if redis_port else {}
+    calls = {k: v - before.get(k, 0) for k, v in after.items() if k != "info"}
+    server = r.get("server") or {}
+    each = {e["pid"]: e["cpu_s"] or 0.0 for e in server.get("cpu_per_pid", [])}
+    total = server.get("cpu_s") or 0.0
+    red = each.get(redis_pid, 0.0) if redis_pid else 0.0
     msgs = r["senders"] * r["messages"]
     lat = r.get("latency") or {}
-    row = {"label": label, "deliveries": r["deliveries"], "ok": r["missing"] == 0 and r["duplicates"] == 0 and r["reordered"] == 0,
+    losses = len(link_losses); link_losses.clear()
+    row = {"label": label, "deliveries": r["deliveries"], "joined": r["joined"],
+           "failures": r["failures"], "redis_link_losses": losses,
+           "ok": r["missing"] == 0 and r["duplicates"] == 0 and r["reordered"] == 0
+                 and r["failures"] == 0 and r["joined"] == r["receivers"],
            "cpu_us_per_delivery": total * 1e6 / max(r["deliveries"], 1),
-           "tool_cpu_us_per_delivery": (r.get("server") or {}).get("cpu_us_per_delivery"),
+           "nodes_cpu_us_per_delivery": (total - red) * 1e6 / max(r["deliveries"], 1),
            "redis_us_per_message": red * 1e6 / max(msgs, 1),
-           "redis_cpu_s": red, "server_cpu_s": total,
+           "cpu_s_per_pid": each,
+           # Over the whole run (joins included), per message.
+           "wakeups_per_message": {p: round(w / max(msgs, 1), 2) for p, w in woke.items()},
            "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "per_s": r["deliveries_per_s"]}
+    if redis_port:
+        # Publish script calls: its ZADD, less the refresh script's (one
+        # TIME each). Over the whole run, joins included: these are counts.
+        publish_calls = calls.get("zadd", 0) - calls.get("time", 0)
+        row["messages_per_publish_call"] = msgs / max(publish_calls, 1)
+        row["redis_publish_per_message"] = calls.get("publish", 0) / max(msgs, 1)
+        row["redis_commands"] = {k: v for k, v in calls.items() if v}
     print(json.dumps(row), flush=True)
     return row
 
 SAT = ["fanout", "--receivers", "100", "--senders", "10", "--messages", "1000", "--msg-rate", "0", "--window", "16", "--threads", "2"]
 RATE = ["fanout", "--receivers", "100", "--senders", "10", "--messages", "300", "--msg-rate", "500", "--threads", "2"]
-BIG = ["fanout", "--receivers", "1000", "--senders", "1", "--messages", "2000", "--msg-rate", "0", "--window", "16", "--threads", "3", "--rate", "2000"]
-SMALL3 = ["fanout", "--receivers", "99", "--senders", "1", "--messages", "2000", "--msg-rate", "0", "--window", "16", "--threads", "3"]
+
+def members_load(n, paced):
+    # One sender in a room of n members over 3 nodes; saturated (window 16:
+    # 16 messages a publish call at every size), or paced at 30 msg/s for
+    # 10 s, where every message is its own call and every size runs as long
+    # (Redis also has work per second: its cron, the nodes' pings and
+    # refreshes), and even 3,000 members leave the nodes' core idle.
+    load = ["fanout", "--receivers", str(n), "--senders", "1", "--threads", "3", "--rate", "500"]
+    if paced:
+        return load + ["--messages", "300", "--msg-rate", "30"]
+    return load + ["--messages", str(2000 if n <= 1000 else 700), "--msg-rate", "0", "--window", "16"]
+
+def cpu_s(pid):
+    return sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
+               for t in os.listdir(f"/proc/{pid}/task")) / 1e9
+
+def idle(label, redis_pid, seconds=5.0):
+    # Redis's CPU per second with the nodes connected and nothing to do.
+    a = cpu_s(redis_pid); time.sleep(seconds); b = cpu_s(redis_pid)
+    print(json.dumps({"label": label, "redis_idle_us_per_s": (b - a) * 1e6 / seconds}), flush=True)
+
+PARTS = os.environ.get("PARTS", "pair,members").split(",")
+MEMBERS = [int(m) for m in os.environ.get("MEMBERS", "99,1000,2000").split(",")]
 
 def kill_all():
     for p in procs:
         try: p.kill(); p.wait(timeout=5)
         except Exception: pass
     procs.clear()
+    # Nodes that saw Redis die first are not a measurement's link losses.
+    time.sleep(0.2); link_losses.clear()
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
     dirs.clear()
 
 try:
     for run in range(RUNS):
-        # single node
-        s, sp = start_node(["--no-persist"])
-        measure("single sat", SAT, [sp], [s.pid], None)
-        measure("single 500/s", RATE, [sp], [s.pid], None)
-        kill_all()
-        # two nodes + redis
-        red, rp = start_redis()
-        a, ap = start_node(["--redis", f"redis://127.0.0.1:{rp}"])
-        b, bp = start_node(["--redis", f"redis://127.0.0.1:{rp}"])
-        measure("2 nodes sat", SAT + ["--room", f"sat{run}"], [ap, bp], [a.pid, b.pid], red.pid)
-        measure("2 nodes 500/s", RATE + ["--room", f"rate{run}"], [ap, bp], [a.pid, b.pid], red.pid)
-        c, cp = start_node(["--redis", f"redis://127.0.0.1:{rp}"])
-        measure("3 nodes 99 members", SMALL3 + ["--room", f"small{run}"], [ap, bp, cp], [a.pid, b.pid, c.pid], red.pid)
-        measure("3 nodes 1000 members", BIG + ["--room", f"big{run}"], [ap, bp, cp], [a.pid, b.pid, c.pid], red.pid)
-        kill_all()
+        if "pair" in PARTS:
+            # single node, then two nodes + redis, same loads
+            s, sp = start_node(["--no-persist"])
+            measure("single sat", SAT, [sp], [s.pid], None)
+            measure("single 500/s", RATE, [sp], [s.pid], None)
+            kill_all()
+            red, rp = start_redis()
+            a, ap = start_node(["--redis", f"redis://127.0.0.1:{rp}"])
+            b, bp = start_node(["--redis", f"redis://127.0.0.1:{rp}"])
+            measure("2 nodes sat", SAT + ["--room", f"sat{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
+            measure("2 nodes 500/s", RATE + ["--room", f"rate{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
+            kill_all()
+        if "members" in PARTS:
+            red, rp = start_redis()
+            nodes = [start_node(["--redis", f"redis://127.0.0.1:{rp}"]) for _ in range(3)]
+            ports, pids = [p for _, p in nodes], [n.pid for n, _ in nodes]
+            idle("3 nodes idle", red.pid)
+            for n in MEMBERS:
+                for paced in (False, True):
+                    label = f"3 nodes {n} members {'30/s' if paced else 'sat'}"
+                    measure(label, members_load(n, paced) + ["--room", f"m{n}{paced}{run}"], ports, pids, red.pid, rp)
+            kill_all()
 finally:
     kill_all()

@@ -8,14 +8,14 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `lc:seq:{room}` | string | the room's last message id |
-//! | `lc:log:{room}` | sorted set | score id, member `"{node} {ticket} {json}"`, trimmed to `--retain-messages` |
+//! | `lc:log:{room}` | sorted set | score id, member `"{id} {node} {ticket} {prefix}\x01{suffix}"` (the JSON is prefix, id, suffix), trimmed to `--retain-messages` |
 //! | `lc:user:{name}` | string | the node holding the name |
 //! | `lc:names:{node}` | set | names a node holds |
 //! | `lc:members:{room}` | hash | member name → node |
 //! | `lc:node:{node}` | set | `"{room} {name}"` memberships of a node's members |
 //! | `lc:rooms` | sorted set | room → member count, cluster-wide |
 //! | `lc:nodes` | sorted set | node → last refresh (Redis's clock, ms) |
-//! | channel `lc:{db}:events` | pub/sub | `M {room} {id} {entry}`, `P {room} {json}`, `D {to} {json}` |
+//! | channel `lc:{db}:events` | pub/sub | `B {room} {first id}` and one `"{node} {ticket} {prefix}\x01{suffix}"` a line, `P {room} {json}`, `D {to} {json}` |
 //!
 //! Every write that must be atomic is one Lua script (loaded with SCRIPT
 //! LOAD, called with EVALSHA, resent as EVAL on NOSCRIPT). Message
@@ -25,6 +25,7 @@
 //! Owns the two links and the id tracking; knows nothing about members or
 //! sockets of clients.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use mio::{Registry, Token};
@@ -40,8 +41,14 @@ use crate::store::Kept;
 /// Key prefix of everything loopchat writes.
 pub const PREFIX: &str = "lc:";
 
-/// Most messages in one publish script call (each is three arguments; Lua
-/// unpacks the sorted-set arguments onto its stack, which holds 8,000).
+/// Where the id goes in a stored or published message JSON: Redis does
+/// not splice it in (that would be string work per message on Redis's one
+/// core); the reader does. JSON never holds a raw control character.
+const ID_MARK: char = '\u{1}';
+
+/// Most messages in one publish script call (each is one argument and two
+/// sorted-set arguments, which Lua unpacks onto its stack, which holds
+/// 8,000).
 const MAX_BATCH: usize = 256;
 
 /// How often the subscription link is pinged: a subscription that stopped
@@ -97,36 +104,34 @@ impl Script {
 }
 
 /// Id, history append, trim and publication of a batch of messages of one
-/// room (those a node accepted in one pass), atomically. Each id is one
-/// above the previous; the first is one above the larger of the stored
-/// counter and the node's high-water mark, so that ids continue above every
-/// id served even when Redis came back empty. One publication carries the
-/// whole batch, one record a line (JSON has no raw newline).
+/// room (those a node accepted while its previous call for the room was
+/// out), atomically. Each id is one above the previous; the first is one
+/// above the larger of the stored counter and the node's high-water mark,
+/// so that ids continue above every id served even when Redis came back
+/// empty. Each message comes as one argument, `"{node} {ticket}
+/// {prefix}\x01{suffix}"` (the message JSON with the id left out); the
+/// stored member is the id, a space, and that. One publication carries the
+/// whole batch: a header line with the first id, then the arguments as
+/// they came, one a line (JSON has no raw newline or \x01). Redis's work
+/// per message is one concatenation and the sorted-set insert; the rest is
+/// per call.
 const PUBLISH_LUA: &str = r#"
 local id = tonumber(redis.call('GET', KEYS[1]) or '0')
 local hwm = tonumber(ARGV[2])
 if hwm > id then id = hwm end
-local n = tonumber(ARGV[5])
+local first = id + 1
 local zargs = {}
-local lines = {}
-local ids = {}
-for i = 0, n - 1 do
+for i = 5, #ARGV do
   id = id + 1
   local sid = string.format('%d', id)
-  local entry = ARGV[6 + 3 * i] .. ' ' .. ARGV[7 + 3 * i] .. sid .. ARGV[8 + 3 * i]
   zargs[#zargs + 1] = sid
-  zargs[#zargs + 1] = entry
-  lines[#lines + 1] = 'M ' .. ARGV[1] .. ' ' .. sid .. ' ' .. entry
-  ids[#ids + 1] = id
+  zargs[#zargs + 1] = sid .. ' ' .. ARGV[i]
 end
 redis.call('SET', KEYS[1], string.format('%d', id))
 redis.call('ZADD', KEYS[2], unpack(zargs))
-local keep = tonumber(ARGV[3])
-if redis.call('ZCARD', KEYS[2]) > keep then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(keep + 1))
-end
-redis.call('PUBLISH', ARGV[4], table.concat(lines, '\n'))
-return ids
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[3]) + 1))
+redis.call('PUBLISH', ARGV[4], 'B ' .. ARGV[1] .. ' ' .. string.format('%d', first) .. '\n' .. table.concat(ARGV, '\n', 5))
+return string.format('%d', first)
 "#;
 
 /// Membership, the join notice (once), and the joiner's view: last id,
@@ -342,8 +347,16 @@ pub struct RedisEngine {
     sub: Link<()>,
     shas: Vec<Option<String>>,
     seqs: Sequences,
-    /// Messages submitted this pass, sent per room at the flush.
+    /// Messages submitted and not sent yet: sent per room at the flush,
+    /// or, while a publish call of their room is in flight, when it is
+    /// answered.
     batch: Vec<(Ticket, Rc<str>, String, String)>,
+    /// Publish calls in flight per room. A room has at most one flush's
+    /// worth of calls out: what arrives meanwhile waits for the answer and
+    /// goes as one call, so that under load a call carries many messages
+    /// (Redis's cost is mostly per call, not per message) and when idle a
+    /// message goes at once.
+    publishing: HashMap<Rc<str>, usize>,
     completions: Vec<Completion>,
     publications: Vec<Publication>,
     events: Vec<LinkEvent<Tag>>,
@@ -372,6 +385,7 @@ impl RedisEngine {
             shas: vec![None; Script::ALL.len()],
             seqs: Sequences::new(),
             batch: Vec::new(),
+            publishing: HashMap::new(),
             completions: Vec::new(),
             publications: Vec::new(),
             events: Vec::new(),
@@ -647,27 +661,35 @@ impl RedisEngine {
         self.eval(now, ticket, op, eval);
     }
 
-    /// One publish script call per room for the messages submitted since
-    /// the last flush (at most [`MAX_BATCH`] per call).
+    /// One publish script call per room (at most [`MAX_BATCH`] messages
+    /// each) for the messages waiting, except in rooms whose previous call
+    /// is still out: theirs wait for its answer.
     fn send_batches(&mut self, now: u64) {
         if self.batch.is_empty() {
             return;
         }
         let mut rooms: Vec<(Rc<str>, Vec<Unsent>)> = Vec::new();
-        let mut index: std::collections::HashMap<Rc<str>, usize> = Default::default();
+        let mut index: HashMap<Rc<str>, usize> = HashMap::new();
+        let mut held = Vec::new();
         for (ticket, room, prefix, suffix) in std::mem::take(&mut self.batch) {
+            if self.publishing.contains_key(&room) {
+                held.push((ticket, room, prefix, suffix));
+                continue;
+            }
             let at = *index.entry(room.clone()).or_insert_with(|| {
                 rooms.push((room.clone(), Vec::new()));
                 rooms.len() - 1
             });
             rooms[at].1.push((ticket, prefix, suffix));
         }
+        self.batch = held;
         let p = PREFIX;
         let node = self.cfg.node.clone();
         for (room, messages) in rooms {
             for chunk in messages.chunks(MAX_BATCH) {
                 let hwm = self.seqs.high(&room);
-                let mut args: Vec<Vec<u8>> = vec![
+                let mut args: Vec<Vec<u8>> = Vec::with_capacity(7 + chunk.len());
+                args.extend([
                     b"2".to_vec(),
                     format!("{p}seq:{room}").into_bytes(),
                     format!("{p}log:{room}").into_bytes(),
@@ -675,12 +697,9 @@ impl RedisEngine {
                     hwm.to_string().into_bytes(),
                     self.cfg.retain.to_string().into_bytes(),
                     self.channel.clone().into_bytes(),
-                    chunk.len().to_string().into_bytes(),
-                ];
+                ]);
                 for (ticket, prefix, suffix) in chunk {
-                    args.push(format!("{node} {ticket}").into_bytes());
-                    args.push(prefix.clone().into_bytes());
-                    args.push(suffix.clone().into_bytes());
+                    args.push(format!("{node} {ticket} {prefix}{ID_MARK}{suffix}").into_bytes());
                 }
                 let tickets: Vec<Ticket> = chunk.iter().map(|(t, _, _)| *t).collect();
                 let op = Op::Publish {
@@ -691,6 +710,7 @@ impl RedisEngine {
                     script: Script::Publish,
                     args,
                 };
+                *self.publishing.entry(room.clone()).or_insert(0) += 1;
                 self.eval(now, chunk[0].0, op, eval);
             }
         }
@@ -700,7 +720,8 @@ impl RedisEngine {
     fn fail_op(&mut self, ticket: Ticket, op: Op, why: Unavailable) {
         match op {
             Op::Quiet => {}
-            Op::Publish { tickets, .. } => {
+            Op::Publish { room, tickets } => {
+                self.published(&room);
                 for ticket in tickets {
                     self.completions.push(Completion {
                         ticket,
@@ -712,6 +733,16 @@ impl RedisEngine {
                 ticket,
                 result: Err(why),
             }),
+        }
+    }
+
+    /// A publish call of `room` was answered (or failed).
+    fn published(&mut self, room: &Rc<str>) {
+        if let Some(n) = self.publishing.get_mut(room) {
+            *n -= 1;
+            if *n == 0 {
+                self.publishing.remove(room);
+            }
         }
     }
 
@@ -841,6 +872,15 @@ impl RedisEngine {
                                 _ => {}
                             }
                         }
+                        // Messages held behind a call that is lost now were
+                        // never sent.
+                        for (ticket, ..) in std::mem::take(&mut self.batch) {
+                            self.completions.push(Completion {
+                                ticket,
+                                result: Err(Unavailable::NotSent),
+                            });
+                        }
+                        self.publishing.clear();
                     }
                     LinkEvent::Push(_) => {}
                 }
@@ -852,6 +892,8 @@ impl RedisEngine {
             }
             self.hand_over(deliver);
             self.issue_fills(now, fills);
+            // Messages held behind a call answered just now go out.
+            self.send_batches(now);
             self.cmd.flush_or_fail(now, registry, &mut events);
         }
         self.events = events;
@@ -901,36 +943,11 @@ impl RedisEngine {
         let Ok(payload) = std::str::from_utf8(payload) else {
             return;
         };
-        // A message batch is one record a line; notices and directs are one.
-        for record in payload.split('\n') {
-            self.on_record(record, wanted, deliver, fills);
+        if let Some(batch) = payload.strip_prefix("B ") {
+            return self.on_batch(batch, wanted, deliver, fills);
         }
-    }
-
-    fn on_record(
-        &mut self,
-        record: &str,
-        wanted: &dyn Fn(&str) -> bool,
-        deliver: &mut Vec<(Rc<str>, Entry)>,
-        fills: &mut Vec<Fill>,
-    ) {
-        let (kind, rest) = record.split_once(' ').unwrap_or((record, ""));
+        let (kind, rest) = payload.split_once(' ').unwrap_or((payload, ""));
         match kind {
-            "M" => {
-                let mut parts = rest.splitn(3, ' ');
-                let (Some(room), Some(id), Some(entry)) =
-                    (parts.next(), parts.next(), parts.next())
-                else {
-                    return;
-                };
-                let Ok(id) = id.parse::<u64>() else { return };
-                let Some(entry) = self.entry(id, entry) else {
-                    return;
-                };
-                let room: Rc<str> = Rc::from(room);
-                let want = wanted(&room);
-                self.seqs.arrive(&room, entry, want, deliver, fills);
-            }
             "P" => {
                 if let Some((room, json)) = rest.split_once(' ') {
                     self.publications.push(Publication::Presence {
@@ -951,7 +968,33 @@ impl RedisEngine {
         }
     }
 
-    /// A stored entry, `"{node} {ticket} {json}"`.
+    /// A batch of room messages: `{room} {first id}`, then one entry a
+    /// line, ids counting up from the first.
+    fn on_batch(
+        &mut self,
+        batch: &str,
+        wanted: &dyn Fn(&str) -> bool,
+        deliver: &mut Vec<(Rc<str>, Entry)>,
+        fills: &mut Vec<Fill>,
+    ) {
+        let mut lines = batch.split('\n');
+        let Some((room, first)) = lines.next().and_then(|h| h.split_once(' ')) else {
+            return;
+        };
+        let Ok(first) = first.parse::<u64>() else {
+            return;
+        };
+        let room: Rc<str> = Rc::from(room);
+        let want = wanted(&room);
+        for (id, line) in (first..).zip(lines) {
+            if let Some(entry) = self.entry(id, line) {
+                self.seqs.arrive(&room, entry, want, deliver, fills);
+            }
+        }
+    }
+
+    /// A message as published, `"{node} {ticket} {prefix}\x01{suffix}"`:
+    /// the id goes between prefix and suffix.
     fn entry(&self, id: u64, text: &str) -> Option<Entry> {
         let mut parts = text.splitn(3, ' ');
         let (node, ticket, json) = (parts.next()?, parts.next()?, parts.next()?);
@@ -959,14 +1002,17 @@ impl RedisEngine {
             true => ticket.parse().ok(),
             false => None,
         };
+        let (prefix, suffix) = json.split_once(ID_MARK)?;
         Some(Entry {
             id,
             ticket,
-            json: Rc::from(json),
+            json: Rc::from(format!("{prefix}{id}{suffix}")),
         })
     }
 
-    /// `[member, score, member, score, …]` into entries, in the order given.
+    /// `[member, score, member, score, …]` into entries, in the order
+    /// given. A stored member is the id, a space, then the entry as
+    /// published.
     fn entries(&self, reply: &Reply) -> Vec<Entry> {
         let Reply::Array(items) = reply else {
             return Vec::new();
@@ -974,9 +1020,8 @@ impl RedisEngine {
         items
             .chunks(2)
             .filter_map(|pair| {
-                let text = pair.first()?.text()?;
-                let id = pair.get(1)?.text()?.parse::<f64>().ok()? as u64;
-                self.entry(id, text)
+                let (id, text) = pair.first()?.text()?.split_once(' ')?;
+                self.entry(id.parse().ok()?, text)
             })
             .collect()
     }
@@ -1054,15 +1099,10 @@ impl RedisEngine {
                     Op::Claim => Answer::Claimed(reply.int() == Some(1)),
                     Op::Direct => Answer::Delivered(reply.int() == Some(1)),
                     Op::Publish { room, tickets } => {
-                        let ids: Vec<u64> = match &reply {
-                            Reply::Array(items) => items
-                                .iter()
-                                .map(|r| r.int().unwrap_or(0).max(0) as u64)
-                                .collect(),
-                            _ => Vec::new(),
-                        };
+                        self.published(&room);
+                        let first = reply.text().and_then(|t| t.parse::<u64>().ok());
                         for (i, ticket) in tickets.into_iter().enumerate() {
-                            let id = ids.get(i).copied().unwrap_or(0);
+                            let id = first.map_or(0, |f| f + i as u64);
                             self.seqs.note(&room, id);
                             self.completions.push(Completion {
                                 ticket,

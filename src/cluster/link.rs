@@ -29,9 +29,10 @@ use mio::{Interest, Registry, Token};
 use super::resp::{self, Reply, RespError};
 use super::url::RedisUrl;
 
-/// A reply not received this long after its command was written means
-/// Redis is not serving us: the link is broken and commands answer
-/// `unavailable` until it is back. Far above a healthy Redis's latency
+/// No reply for this long while one is awaited (counted from the later of
+/// the oldest awaited command's sending and the last reply) means Redis is
+/// not serving us: the link is broken and commands answer `unavailable`
+/// until it is back. Far above a healthy Redis's latency
 /// (well under a millisecond on a LAN) and below a second, so that a Redis
 /// stalled by `DEBUG SLEEP 1` or a long `KEYS` counts as down.
 pub const REPLY_DEADLINE_MS: u64 = 750;
@@ -202,6 +203,14 @@ pub struct Link<T> {
     out_at: usize,
     inbuf: Vec<u8>,
     awaited: VecDeque<(Awaited<T>, u64)>,
+    /// When a reply last came. The deadline runs from the later of this
+    /// and the oldest command's sending: a Redis that is answering a long
+    /// pipeline in order (a burst of joins on a busy machine) is slow, not
+    /// gone; one that answers nothing for the deadline is gone.
+    answered_at: u64,
+    /// A publication came in the current read (on the subscription link,
+    /// that is Redis serving us too, whatever is queued before the pong).
+    heard: bool,
 }
 
 impl<T> Link<T> {
@@ -215,6 +224,8 @@ impl<T> Link<T> {
             out_at: 0,
             inbuf: Vec::new(),
             awaited: VecDeque::new(),
+            answered_at: 0,
+            heard: false,
         }
     }
 
@@ -232,9 +243,10 @@ impl<T> Link<T> {
         match &self.machine.state {
             State::Backoff { retry_at, .. } => Some(*retry_at),
             State::Connecting { since } => Some(since + CONNECT_DEADLINE_MS),
-            State::Setup { .. } | State::Ready => {
-                self.awaited.front().map(|(_, at)| at + REPLY_DEADLINE_MS)
-            }
+            State::Setup { .. } | State::Ready => self
+                .awaited
+                .front()
+                .map(|(_, at)| (*at).max(self.answered_at) + REPLY_DEADLINE_MS),
         }
     }
 
@@ -253,13 +265,24 @@ impl<T> Link<T> {
             }
             return;
         }
-        let late = match &self.machine.state {
-            State::Connecting { since } => now >= since + CONNECT_DEADLINE_MS,
-            _ => self
-                .awaited
+        let overdue = |link: &Self| {
+            link.awaited
                 .front()
-                .is_some_and(|(_, at)| now >= at + REPLY_DEADLINE_MS),
+                .is_some_and(|(_, at)| now >= (*at).max(link.answered_at) + REPLY_DEADLINE_MS)
         };
+        let mut late = match &self.machine.state {
+            State::Connecting { since } => now >= since + CONNECT_DEADLINE_MS,
+            _ => overdue(self),
+        };
+        if late && !matches!(self.machine.state, State::Connecting { .. }) {
+            // The loop may have been busy past the deadline (a long pass of
+            // fan-out) while the answer waited in the socket: read before
+            // blaming Redis.
+            if let Err(why) = self.read(now, events) {
+                return self.fail(now, registry, why, events);
+            }
+            late = overdue(self);
+        }
         if late {
             let why = format!("no answer within {REPLY_DEADLINE_MS} ms");
             self.fail(now, registry, why, events);
@@ -308,7 +331,7 @@ impl<T> Link<T> {
                 }
             }
         }
-        if let Err(why) = self.read(events) {
+        if let Err(why) = self.read(now, events) {
             return self.fail(now, registry, why, events);
         }
         if let Err(e) = self.flush() {
@@ -402,9 +425,21 @@ impl<T> Link<T> {
         }
     }
 
-    /// Read until `WouldBlock` (edge-triggered), decoding every complete
-    /// reply.
-    fn read(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
+    /// Read what the socket has, decoding every complete reply; note when
+    /// a reply came.
+    fn read(&mut self, now: u64, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
+        let awaited = self.awaited.len();
+        self.heard = false;
+        let read = self.read_socket(events);
+        if self.awaited.len() < awaited || self.heard {
+            self.answered_at = now;
+        }
+        read
+    }
+
+    /// Read until a short read or `WouldBlock` (edge-triggered), decoding
+    /// every complete reply.
+    fn read_socket(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             let Some(sock) = &mut self.sock else {
@@ -418,6 +453,14 @@ impl<T> Link<T> {
                     }
                     self.inbuf.extend_from_slice(&chunk[..n]);
                     self.decode(events).map_err(|e| e.to_string())?;
+                    // A short read emptied the socket's receive queue: what
+                    // arrives later is a new readiness edge, so the read
+                    // that would only say WouldBlock is one syscall per
+                    // wake-up saved. (A close that raced the data is then
+                    // seen at the next edge, or by the reply deadline.)
+                    if n < chunk.len() {
+                        return Ok(());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -450,6 +493,7 @@ impl<T> Link<T> {
             if let Reply::Array(items) = &reply {
                 match items.first().and_then(Reply::text) {
                     Some("message") => {
+                        self.heard = true;
                         events.push(LinkEvent::Push(reply));
                         return Ok(());
                     }
@@ -569,5 +613,81 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_ne!(waits(1), waits(2));
+    }
+
+    /// Waits (each wait at most 5 s) until the link's socket holds
+    /// something to read, without reading it. Readiness alone is not
+    /// enough: an acknowledgement of what the link sent also wakes the
+    /// poll (writable).
+    fn wait_readable(poll: &mut mio::Poll, link: &Link<u32>) {
+        let mut ready = mio::Events::with_capacity(4);
+        for _ in 0..20 {
+            let mut peek = [0u8; 1];
+            if link.sock.as_ref().and_then(|s| s.peek(&mut peek).ok()) == Some(1) {
+                return;
+            }
+            poll.poll(&mut ready, Some(std::time::Duration::from_secs(5)))
+                .expect("poll");
+            assert!(!ready.is_empty(), "nothing to read within 5 s");
+        }
+        panic!("nothing to read after 20 wake-ups");
+    }
+
+    #[test]
+    fn the_deadline_runs_from_the_last_answer_and_reads_first() {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = RedisUrl {
+            addr: listener.local_addr().expect("addr").to_string(),
+            username: None,
+            password: None,
+            db: 0,
+        };
+        let mut poll = mio::Poll::new().expect("poll");
+        let mut link: Link<u32> = Link::new(Token(1), Role::Commands, 1);
+        let mut events = Vec::new();
+        link.tick(0, poll.registry(), &url, &mut events);
+        let (mut redis, _) = listener.accept().expect("accept");
+        redis
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut ready = mio::Events::with_capacity(4);
+        poll.poll(&mut ready, Some(std::time::Duration::from_secs(5)))
+            .expect("poll");
+        link.on_ready(0, poll.registry(), &url, &mut events);
+        assert!(link.is_ready(), "{:?}", link.machine.state);
+        for tag in 0..3 {
+            assert!(link.send(1_000, tag, &["PING"]).is_ok());
+        }
+        link.flush().expect("flush");
+        let mut got = [0u8; 64];
+        let mut read = 0;
+        while read < 3 * 14 {
+            read += redis.read(&mut got[read..]).expect("commands");
+        }
+        // The first answer comes at 1,500: the others may take until 2,250.
+        redis.write_all(b"+PONG\r\n").expect("answer");
+        wait_readable(&mut poll, &link);
+        link.on_ready(1_500, poll.registry(), &url, &mut events);
+        assert_eq!(link.in_flight(), 2);
+        assert_eq!(link.next_deadline(), Some(1_500 + REPLY_DEADLINE_MS));
+        link.tick(2_000, poll.registry(), &url, &mut events);
+        assert!(link.is_ready());
+        // The second answer is in the socket, unread, when the deadline is
+        // checked: it is read first, so the link stays up.
+        redis.write_all(b"+PONG\r\n").expect("answer");
+        wait_readable(&mut poll, &link);
+        link.tick(2_300, poll.registry(), &url, &mut events);
+        assert!(link.is_ready(), "{:?}", link.machine.state);
+        assert_eq!(link.in_flight(), 1);
+        // Nothing more comes: the deadline from the last answer fails it.
+        link.tick(
+            2_300 + REPLY_DEADLINE_MS,
+            poll.registry(),
+            &url,
+            &mut events,
+        );
+        assert!(!link.is_ready());
+        assert!(matches!(events.last(), Some(LinkEvent::Down(lost)) if lost == &vec![2]));
     }
 }

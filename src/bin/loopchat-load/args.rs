@@ -70,6 +70,9 @@ pub struct Options {
     pub json: bool,
     pub quiet: bool,
     pub pid: PidChoice,
+    /// Every `--pid` after the first (cluster nodes, `redis-server`): their
+    /// CPU and RSS are added to the first one's and reported per pid too.
+    pub more_pids: Vec<u32>,
     pub room: String,
     pub user_prefix: String,
     // idle
@@ -149,7 +152,8 @@ COMMON FLAGS (default in brackets)
   --rate R                new connections per second (idle, fanout, mass)
                           [500; mass: 100000]
   --pid PID|auto          server process for RSS/CPU from /proc (auto: the one
-                          listening on the URL's port) [none]
+                          listening on the URL's port) [none]; may repeat
+                          (cluster nodes, redis-server): summed, and per pid
   --room NAME             room name (idle: prefix of NAME-0, NAME-1, ...) [ld-<tag>]
   --user-prefix P         usernames are P<n> (churn: P c<n>) [ld-<tag>-]
   --json                  print one JSON object on stdout instead of text [off]
@@ -238,6 +242,7 @@ pub fn parse(
         json: false,
         quiet: false,
         pid: PidChoice::None,
+        more_pids: Vec::new(),
         room: format!("ld-{tag}"),
         user_prefix: format!("ld-{tag}-"),
         conns: 1000,
@@ -289,6 +294,18 @@ pub fn parse(
             "rate" => o.rate = value(&mut parser, &flag)?,
             "json" => o.json = true,
             "quiet" => o.quiet = true,
+            "pid" if o.pid != PidChoice::None => {
+                let v: String = value(&mut parser, &flag)?;
+                let pid = v.parse().map_err(|_| {
+                    ArgsError::Usage(format!(
+                        "--pid: bad value {v:?} (auto only as the only --pid)"
+                    ))
+                })?;
+                if o.pid == PidChoice::Auto {
+                    return Err(ArgsError::Usage("--pid auto only as the only --pid".into()));
+                }
+                o.more_pids.push(pid);
+            }
             "pid" => {
                 let v: String = value(&mut parser, &flag)?;
                 o.pid = if v == "auto" {
@@ -444,6 +461,8 @@ mod tests {
         assert_eq!(o.room, "ld-t1");
         assert_eq!(o.target.addr.port(), 8080);
         assert_eq!(p("churn --pid auto").unwrap().pid, PidChoice::Auto);
+        let o = p("fanout --pid 7 --pid 8 --pid 9").unwrap();
+        assert_eq!((o.pid, o.more_pids), (PidChoice::Pid(7), vec![8, 9]));
         assert!(matches!(p("--help"), Err(ArgsError::Help)));
         let m = p("mass --conns 50 --leave close").unwrap();
         assert_eq!(
@@ -468,6 +487,8 @@ mod tests {
             "mass --probes 0",
             "mass --probe-rate 0",
             "fanout --probes 2",
+            "fanout --pid auto --pid 3",
+            "fanout --pid 3 --pid auto",
         ] {
             assert!(matches!(p(bad), Err(ArgsError::Usage(_))), "{bad:?}");
         }

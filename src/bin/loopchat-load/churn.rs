@@ -225,6 +225,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         "cycle": report::latency_json(&t.cycle),
         "server": {
             "pid": probe.pid(),
+            "cpu_per_pid": after.cpu_each_since(&before),
             "rss_before_kb": before.rss_kb,
             "rss_mid_kb": mid.rss_kb,
             "rss_after_kb": after.rss_kb,

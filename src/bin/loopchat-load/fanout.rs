@@ -521,6 +521,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         "warning": warning,
         "server": {
             "pid": probe.pid(),
+            "cpu_per_pid": at_done.cpu_each_since(&at_go),
             "rss_before_kb": before.rss_kb,
             "rss_after_kb": at_done.rss_kb,
             "cpu_s": cpu.map(|x| report::round(x, 3)),
@@ -576,6 +577,18 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
             cpu_us_per_delivery.map(|x| format!("{x:.2} us ({:.2} s in all)", cpu.unwrap_or(0.0)))
         )
     );
+    if at_done.cpu_each.len() > 1 {
+        let each: Vec<String> = at_done
+            .cpu_each
+            .iter()
+            .zip(&at_go.cpu_each)
+            .map(|(&(pid, now), &(_, then))| match now.zip(then) {
+                Some((a, b)) => format!("{pid} {:.3} s", a - b),
+                None => format!("{pid} n/a"),
+            })
+            .collect();
+        h += &format!("  CPU per pid: {}\n", each.join(", "));
+    }
     Ok(Report { json, human: h, ok })
 }
 

@@ -211,6 +211,7 @@ pub fn run(o: &Options, probe: &Probe) -> Result<Report, RunError> {
         "hold_s": report::round(after.wall_since(&at_open).unwrap_or(0.0), 3),
         "server": {
             "pid": probe.pid(),
+            "cpu_per_pid": after.cpu_each_since(&at_open),
             "rss_before_kb": before.rss_kb,
             "rss_open_kb": at_open.rss_kb,
             "rss_after_kb": after.rss_kb,

@@ -116,7 +116,8 @@ fn run(o: &Options) -> Result<report::Report, String> {
         PidChoice::Pid(p) => Some(p),
         PidChoice::Auto => Some(probe::find_listener(&o.target).map_err(|e| e.to_string())?),
     };
-    let probe = probe::Probe::new(pid, o.target.clone()).map_err(|e| e.to_string())?;
+    let probe =
+        probe::Probe::new(pid, &o.more_pids, o.target.clone()).map_err(|e| e.to_string())?;
     let result = match o.scenario {
         Scenario::Idle => idle::run(o, &probe),
         Scenario::Fanout => fanout::run(o, &probe),

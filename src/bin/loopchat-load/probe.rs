@@ -1,6 +1,7 @@
 //! What the tool can learn about the server from outside: its resident
-//! memory and CPU time from /proc/PID (with `--pid`), and its live counters
-//! from `GET /stats`. Called from the main thread only, between phases —
+//! memory and CPU time from /proc/PID (with `--pid`; with several, e.g. the
+//! nodes of a cluster and `redis-server`, summed and kept per pid), and its
+//! live counters from `GET /stats`. Called from the main thread only, between phases —
 //! never from an event loop, as the `/stats` request blocks (briefly, with
 //! timeouts).
 
@@ -17,8 +18,10 @@ const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, Default)]
 pub struct Sample {
     pub rss_kb: Option<u64>,
-    /// utime + stime, seconds.
+    /// Time on CPU, seconds, summed over every `--pid`.
     pub cpu_s: Option<f64>,
+    /// `(pid, time on CPU)` of each `--pid`, in the order given.
+    pub cpu_each: Vec<(u32, Option<f64>)>,
     /// Open WebSocket sessions, from `/stats`.
     pub connections: Option<u64>,
     pub at: Option<Instant>,
@@ -35,6 +38,19 @@ impl Sample {
             self.at?
                 .saturating_duration_since(earlier.at?)
                 .as_secs_f64(),
+        )
+    }
+
+    /// `[{"pid", "cpu_s"}, …]`: CPU seconds of each `--pid` between
+    /// `earlier` and `self`.
+    pub fn cpu_each_since(&self, earlier: &Sample) -> serde_json::Value {
+        let each = self.cpu_each.iter().zip(&earlier.cpu_each);
+        serde_json::Value::Array(
+            each.map(|(&(pid, now), &(_, then))| {
+                let cpu = now.zip(then).map(|(a, b)| (a - b) * 1e3).map(f64::round);
+                serde_json::json!({ "pid": pid, "cpu_s": cpu.map(|ms| ms / 1e3) })
+            })
+            .collect(),
         )
     }
 
@@ -65,7 +81,8 @@ impl fmt::Display for ProbeError {
 }
 
 pub struct Probe {
-    pid: Option<u32>,
+    /// The first `--pid`, then the others.
+    pids: Vec<u32>,
     target: Target,
     ticks_per_s: f64,
     /// `/stats` is asked until it fails once; a server without it is not
@@ -74,16 +91,16 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn new(pid: Option<u32>, target: Target) -> Result<Probe, ProbeError> {
+    pub fn new(pid: Option<u32>, more: &[u32], target: Target) -> Result<Probe, ProbeError> {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         let probe = Probe {
-            pid,
+            pids: pid.into_iter().chain(more.iter().copied()).collect(),
             target,
             ticks_per_s: if ticks > 0 { ticks as f64 } else { 100.0 },
             stats: true.into(),
         };
-        if let Some(pid) = pid {
+        for &pid in &probe.pids {
             if probe.proc_cpu(pid).is_none() {
                 return Err(ProbeError::NoProcess(pid));
             }
@@ -92,7 +109,7 @@ impl Probe {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.pid
+        self.pids.first().copied()
     }
 
     pub fn sample(&self) -> Sample {
@@ -100,9 +117,10 @@ impl Probe {
             at: Some(Instant::now()),
             ..Sample::default()
         };
-        if let Some(pid) = self.pid {
-            s.rss_kb = proc_rss_kb(pid);
-            s.cpu_s = self.proc_cpu(pid);
+        if !self.pids.is_empty() {
+            s.cpu_each = self.pids.iter().map(|&p| (p, self.proc_cpu(p))).collect();
+            s.cpu_s = s.cpu_each.iter().map(|&(_, c)| c).sum();
+            s.rss_kb = self.pids.iter().map(|&p| proc_rss_kb(p)).sum();
         }
         if self.stats.get() {
             match fetch_stats(&self.target) {
@@ -124,7 +142,13 @@ impl Probe {
         s
     }
 
+    /// Time on CPU of every thread of `pid`: nanoseconds from
+    /// `/proc/PID/task/*/schedstat` where the kernel has it, else utime +
+    /// stime from `/proc/PID/stat` (10 ms ticks).
     fn proc_cpu(&self, pid: u32) -> Option<f64> {
+        if let Some(ns) = schedstat_ns(pid) {
+            return Some(ns as f64 / 1e9);
+        }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // The command name (field 2) may contain spaces and parentheses;
         // fields after the last ')' are fixed: state is field 3, utime 14, stime 15.
@@ -134,6 +158,16 @@ impl Probe {
         let stime: u64 = fields.get(12)?.parse().ok()?;
         Some((utime + stime) as f64 / self.ticks_per_s)
     }
+}
+
+fn schedstat_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let text = std::fs::read_to_string(path).ok()?;
+        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 fn proc_rss_kb(pid: u32) -> Option<u64> {
