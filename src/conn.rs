@@ -232,6 +232,9 @@ pub struct Conn {
     /// wait to be read (a mass disconnect would otherwise queue each
     /// leave notice for every member whose own hang-up is still unread).
     pub hung_up: bool,
+    /// The peer closed its sending side (`EPOLLRDHUP`, or more): it is
+    /// leaving, so its last bytes queue with the other departures.
+    pub departing: bool,
 }
 
 impl Conn {
@@ -250,6 +253,7 @@ impl Conn {
             read_later: false,
             want_write: false,
             hung_up: false,
+            departing: false,
         }
     }
 

@@ -6,26 +6,32 @@
 //! this as a picture.
 //!
 //! 1. **Sleep.** `poll` waits for readiness or the poll timeout
-//!    (`Server::poll_timeout`): zero when `again` holds work, else the
-//!    nearest deadline (timers, a paused accept, the shutdown), else
-//!    forever: an idle server uses no CPU.
-//! 2. **Handle every event of the batch**, routed by token: the listener
+//!    (`Server::poll_timeout`): zero when the last pass left work (`again`,
+//!    `dirty`, an unfinished accept), else the nearest deadline (timers, a
+//!    paused accept, the shutdown), else forever: an idle server uses no
+//!    CPU.
+//! 2. **What the last pass left, first** (`continue_reads`): connections
+//!    whose read budget ran out, and those a spent pass budget left
+//!    unread; their readiness edge will not come back by itself. Then an
+//!    accept the budget cut short.
+//! 3. **Handle every event of the batch**, routed by token: the listener
 //!    accepts until `WouldBlock` (`accept_all`); the signal pipe and the
 //!    waker only set the stop flag; a connection token reads what its phase
 //!    reads (`read_head` → `route` → an HTTP answer or `upgrade`;
 //!    `read_frames` → the dispatcher; `drain_lingering`) and a WRITABLE
 //!    edge marks it dirty. What the dispatcher produces collects in `out`;
 //!    a huge burst delivers early (`relieve_outbound`) so `out` stays
-//!    bounded.
-//! 3. **`continue_reads`**: connections whose read budget ran out in the
-//!    previous pass are read again (their readiness edge will not come
-//!    back by itself).
-//! 4. **`fire_timers`**: due deadlines (handshake, heartbeat, close).
+//!    bounded. Once the pass has spent half its budget (`Budget`,
+//!    `--pass-budget-us`), a ready connection is listed in `again` instead
+//!    of read.
+//! 4. **`fire_timers`**: due deadlines (handshake, heartbeat, close), also
+//!    within the budget; the rest stay due.
 //! 5. **`settle`**: the history commits (the group-commit point for
 //!    `--fsync always`: nothing of this pass is delivered before it), then
 //!    `apply` hands `out` to the addressed outboxes and carries out the
 //!    dispatcher's close requests, and `flush_dirty` writes every dirty
-//!    outbox until it is empty or the socket is full; that repeats while
+//!    outbox until it is empty or the socket is full, oldest first, until
+//!    the whole budget is spent (the rest stays in `dirty`); that repeats while
 //!    flushing produced more work (a failed write ends a session, whose
 //!    `leave` notices must go out now). Last, `reap` frees the slots of
 //!    connections that went during the pass.
@@ -45,10 +51,10 @@
 //! | list | holds | filled by | emptied by | why it is safe |
 //! |---|---|---|---|---|
 //! | `out.sends`, `out.closes` | key + frame / close request | the dispatcher | `apply`, this pass | the dispatcher addresses members only, and a connection stops being a member in its first `leave`, before it can be `Gone`; `deliver` also checks the phase |
-//! | `dirty` | key (`Conn::dirty` keeps it once) | `mark_dirty` | `flush_dirty`, this pass | emptied before `reap`; a `Gone` connection has no wire to flush |
+//! | `dirty` | key + generation (`Conn::dirty` keeps it once) | `mark_dirty` | `flush_dirty`, this pass or, with the budget spent, the next | crosses a `reap` when the budget is spent: the generation is checked |
 //! | `gone` | key | `leave` (→ `Gone`) | `reap`, this pass | its slots are the ones being freed |
 //! | uncommitted messages | sender key | the dispatcher | `Dispatcher::commit`, first step of `settle` | emptied before `reap` |
-//! | `again` | key + generation | `read_frames` (budget spent) | `continue_reads`, next pass | crosses a `reap`: the generation is checked |
+//! | `again` | key + generation (`Conn::read_later` keeps it once) | `read_frames` (read budget spent), `on_ready` (pass budget spent) | `continue_reads`, next pass | crosses a `reap`: the generation is checked |
 //! | timers | key + generation, one per key | every phase change | `pop_due`; `cancel` when `Gone` | cancelled at `Gone`; the generation is checked again when one fires |
 //! | room tables | key ↔ name, rooms | `Dispatcher::admit`/`open` | `Dispatcher::disconnect`, from `leave` | removed in the first `leave`, long before the slot is freed |
 //!
@@ -106,6 +112,7 @@ const DELIVERY_SHARE: usize = 8_192;
 /// Work every pass does whatever its budget, so that no list can starve
 /// (and a pass that the scheduler preempted still moves on).
 const MIN_READS: usize = 16;
+const MIN_TURNOVER: usize = 16;
 const MIN_TIMERS: usize = 64;
 const MIN_FLUSHES: usize = 8;
 
@@ -129,6 +136,8 @@ struct Budget {
     start: Instant,
     /// Connections read (and accepts made) in this pass.
     reads: usize,
+    /// Of those, arrivals and departures (see `Queue`).
+    turnover: usize,
     read_share: Duration,
     total: Duration,
 }
@@ -138,6 +147,7 @@ impl Budget {
         Budget {
             start: Instant::now(),
             reads: 0,
+            turnover: 0,
             read_share: Duration::from_micros(total_us / 2),
             total: Duration::from_micros(total_us),
         }
@@ -147,6 +157,7 @@ impl Budget {
     fn restart(&mut self, now: Instant) {
         self.start = now;
         self.reads = 0;
+        self.turnover = 0;
     }
 
     /// The pass has done its share of reading, with `pending` deliveries
@@ -159,6 +170,25 @@ impl Budget {
     /// The whole pass budget is spent.
     fn spent(&self) -> bool {
         self.start.elapsed() >= self.total
+    }
+}
+
+/// Which list a connection waits in when a pass leaves it unread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Queue {
+    /// Open sessions: people chatting.
+    Sessions,
+    /// Arrivals (a request head) and departures (a hang-up, a close in
+    /// progress): a crowd of these must not delay the sessions.
+    Turnover,
+}
+
+impl Queue {
+    fn of(conn: &Conn) -> Queue {
+        match conn.is_open() && !conn.departing {
+            true => Queue::Sessions,
+            false => Queue::Turnover,
+        }
     }
 }
 
@@ -311,6 +341,12 @@ pub struct Server {
     /// Connections to read next pass: (key, generation). Those whose read
     /// budget ran out, and those a spent pass budget left unread.
     again: Vec<(usize, u64)>,
+    /// Arrivals and departures to read next pass (request heads, sockets
+    /// that hung up, closes): (key, generation). Served after `again`, but
+    /// at least `MIN_TURNOVER` a pass, so that a crowd arriving or leaving
+    /// at once waits behind the sessions already chatting, not the other
+    /// way round.
+    turnover: Vec<(usize, u64)>,
     accept_retry_at: Option<u64>,
     /// The pass budget ran out with the listener still ready.
     accept_again: bool,
@@ -438,6 +474,7 @@ impl Server {
             dirty: Vec::new(),
             gone: Vec::new(),
             again: Vec::new(),
+            turnover: Vec::new(),
             accept_retry_at: None,
             accept_again: false,
             budget: Budget::new(config.pass_budget_us),
@@ -498,11 +535,8 @@ impl Server {
                 self.trace(&events, timeout);
                 self.trace_marks()
             });
-            // What the last pass left comes first: first in, first out.
-            self.continue_reads();
-            if std::mem::take(&mut self.accept_again) {
-                self.accept_all();
-            }
+            // Sessions the last pass left unread come first, oldest first.
+            self.continue_reads(Queue::Sessions);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -520,14 +554,22 @@ impl Server {
                             event.is_readable() || event.is_read_closed() || event.is_error();
                         // Both directions closed, or an error (a reset):
                         // unlike a half-close, nothing written can arrive.
-                        if event.is_write_closed() || event.is_error() {
-                            if let Some(conn) = self.conns.get_mut(key) {
+                        if let Some(conn) = self.conns.get_mut(key) {
+                            if event.is_write_closed() || event.is_error() {
                                 conn.hung_up = true;
+                            }
+                            if event.is_read_closed() || conn.hung_up {
+                                conn.departing = true;
                             }
                         }
                         self.on_ready(key, readable, event.is_writable());
                     }
                 }
+            }
+            // Then arrivals and departures, at least a few every pass.
+            self.continue_reads(Queue::Turnover);
+            if std::mem::take(&mut self.accept_again) {
+                self.accept_all();
             }
             self.fire_timers();
             self.tick_engine();
@@ -558,7 +600,11 @@ impl Server {
     /// The poll timeout: zero when work is pending, else the time to the
     /// nearest deadline, else forever (an idle server uses no CPU).
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() || !self.dirty.is_empty() || self.accept_again {
+        if !self.again.is_empty()
+            || !self.turnover.is_empty()
+            || !self.dirty.is_empty()
+            || self.accept_again
+        {
             return Some(Duration::ZERO);
         }
         let deadlines = [
@@ -798,12 +844,13 @@ impl Server {
             };
             // The rest of the backlog waits for the next pass (the edge
             // will not come again by itself: `accept_again` remembers it).
-            if self.reads_spent() {
+            if self.queue_spent(Queue::Turnover) {
                 self.accept_again = true;
                 self.counters.deferred += 1;
                 return;
             }
             self.budget.reads += 1;
+            self.budget.turnover += 1;
             match listener.accept() {
                 Ok((sock, peer)) => self.admit_socket(sock, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -892,20 +939,54 @@ impl Server {
         if !readable {
             return;
         }
-        if !self.reads_spent() {
-            self.budget.reads += 1;
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let queue = Queue::of(conn);
+        // Arrivals and departures queue behind those already waiting, so
+        // they are read in the order they came.
+        let behind = queue == Queue::Turnover && !self.turnover.is_empty();
+        if !behind && !self.queue_spent(queue) {
+            self.count_read(queue);
             return self.read(key);
         }
         self.counters.deferred += 1;
-        if let Some(conn) = self.conns.get_mut(key).filter(|c| !c.read_later) {
-            conn.read_later = true;
-            self.again.push((key, conn.generation));
-        }
+        self.read_later(key, queue);
     }
 
     /// The pass has done its share of reading (see [`Budget`]).
     fn reads_spent(&self) -> bool {
         self.budget.reads_spent(self.out.sends.len())
+    }
+
+    /// The pass has done its share of reading from `queue`: sessions
+    /// until the share is spent, arrivals and departures too but never
+    /// fewer than `MIN_TURNOVER`.
+    fn queue_spent(&self, queue: Queue) -> bool {
+        match queue {
+            Queue::Sessions => self.reads_spent(),
+            Queue::Turnover => self.budget.turnover >= MIN_TURNOVER && self.reads_spent(),
+        }
+    }
+
+    fn count_read(&mut self, queue: Queue) {
+        self.budget.reads += 1;
+        if queue == Queue::Turnover {
+            self.budget.turnover += 1;
+        }
+    }
+
+    /// List the connection to be read next pass (once: `read_later`).
+    fn read_later(&mut self, key: usize, queue: Queue) {
+        let Some(conn) = self.conns.get_mut(key).filter(|c| !c.read_later) else {
+            return;
+        };
+        conn.read_later = true;
+        let entry = (key, conn.generation);
+        match queue {
+            Queue::Sessions => self.again.push(entry),
+            Queue::Turnover => self.turnover.push(entry),
+        }
     }
 
     /// Read whatever the connection's phase reads.
@@ -926,18 +1007,24 @@ impl Server {
         }
     }
 
-    /// Connections left to read by the last pass (read budget or pass
-    /// budget spent), oldest first; what this pass cannot take stays ahead
-    /// of what it adds.
-    fn continue_reads(&mut self) {
-        let mut backlog = std::mem::take(&mut self.again).into_iter();
+    /// Connections a previous pass left to read in `queue` (read budget
+    /// or pass budget spent), oldest first; what this pass cannot take
+    /// stays ahead of what it adds.
+    fn continue_reads(&mut self, queue: Queue) {
+        let list = match queue {
+            Queue::Sessions => &mut self.again,
+            Queue::Turnover => &mut self.turnover,
+        };
+        let mut backlog = std::mem::take(list).into_iter();
         while let Some((key, generation)) = backlog.next() {
-            if self.reads_spent() {
-                let added = std::mem::replace(
-                    &mut self.again,
-                    std::iter::once((key, generation)).chain(backlog).collect(),
-                );
-                self.again.extend(added);
+            if self.queue_spent(queue) {
+                let rest = std::iter::once((key, generation)).chain(backlog).collect();
+                let list = match queue {
+                    Queue::Sessions => &mut self.again,
+                    Queue::Turnover => &mut self.turnover,
+                };
+                let added = std::mem::replace(list, rest);
+                list.extend(added);
                 return;
             }
             let Some(conn) = self.conns.get_mut(key) else {
@@ -945,7 +1032,7 @@ impl Server {
             };
             if conn.generation == generation && !conn.is_gone() {
                 conn.read_later = false;
-                self.budget.reads += 1;
+                self.count_read(queue);
                 self.read(key);
             }
         }
