@@ -7,8 +7,8 @@
 //! [`step`]): appends to four rooms (content from the input), `last`,
 //! `after` and `before` pages with small bounds, releases, commits and
 //! reopenings (drop, then open the same data dir). Each input gets a fresh
-//! data dir under one directory per process (in `/dev/shm` when there is
-//! one), removed when the input is done.
+//! data dir (in `/dev/shm` when there is one), removed when the input is
+//! done.
 //!
 //! The model: per room, ids 1, 2, 3, … in order of appends; at each commit
 //! (and at a reopening, since dropping the store commits), a room written
@@ -119,34 +119,31 @@ fn got(page: Result<Vec<Kept>, impl std::fmt::Display>, what: &str) -> Msgs {
     }
 }
 
-/// One directory per process for the inputs' data dirs: in memory when
-/// the system has `/dev/shm`, as fuzzing writes a database per input.
+/// Where the inputs' data dirs go: in memory when the system has
+/// `/dev/shm`, as fuzzing writes a database per input.
 fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() {
+        if shm.is_dir() {
             shm.to_path_buf()
         } else {
             std::env::temp_dir()
-        };
-        let dir = base.join(format!("loopchat-fuzz-store-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            panic!("cannot create {}: {e}", dir.display());
         }
-        dir
     })
 }
 
-/// An input's data dir, removed when dropped (also when a check panics).
+/// An input's data dir, named after the process and the input's number
+/// and removed when dropped (also when a check panics), so that a run
+/// leaves nothing behind.
 struct DataDir(PathBuf);
 
 impl DataDir {
     fn new() -> DataDir {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = scratch().join(n.to_string());
+        let name = format!("loopchat-fuzz-store-{}-{n}", std::process::id());
+        let dir = scratch().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         DataDir(dir)
     }
