@@ -33,6 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -90,6 +91,10 @@ const CACHE_KIB: i64 = 16 * 1024;
 /// sizes allow, so that one statement's set-up and one descent of the
 /// B-tree serve many rows (see `SqliteHistory::flush`).
 const INSERT_SIZES: [usize; 3] = [32, 8, 1];
+
+/// Prepared statements kept by the loop's connection: more than the
+/// store's distinct statements (about 16).
+const STATEMENT_CACHE: usize = 48;
 
 /// Room names are 1–32 bytes (the protocol's rule; checked by the
 /// dispatcher, bounded here again because this is what goes to disk).
@@ -496,6 +501,12 @@ fn connect(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
             Some(format!("journal mode is {mode}, not wal")),
         ));
     }
+    // Without the planner's stability guarantee, SQLite marks a statement
+    // whose plan could depend on a bound value (a `LIMIT ?` is enough) to
+    // be compiled again after each new binding: every page read would
+    // parse its SQL anew (tens of µs). The plans here are key searches
+    // whatever the values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {};
          PRAGMA temp_store = MEMORY;
@@ -534,6 +545,9 @@ impl SqliteHistory {
             }
         };
         let conn = connect(&db_path, opts.fsync).map_err(db_err)?;
+        // Room for every statement the loop runs (rusqlite keeps 16): one
+        // evicted is parsed again on its next use.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.execute_batch(&format!("PRAGMA cache_size = -{CACHE_KIB};"))
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
