@@ -20,6 +20,8 @@ Data dirs are filled without the wire by `cargo bench --bench store -- fill`
 (the store's own code, one commit per 1,000 messages).
 
 Usage: python3 benches/compare/store_scale.py [PART...] (default: all).
+LOOPCHAT_BIN runs another build (e.g. an earlier commit's) side by side;
+STORE_SCALE_DIR keeps the filled data dirs there for the next run.
 Bounded: every wait has a timeout, every loop a count; about 5 minutes in
 all. Loopback only. Needs `websockets` (Python) and `strace`.
 """
@@ -41,9 +43,12 @@ import urllib.request
 import websockets
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BIN = os.path.join(ROOT, "target/release/loopchat")
+BIN = os.environ.get("LOOPCHAT_BIN") or os.path.join(ROOT, "target/release/loopchat")
 LOAD = os.path.join(ROOT, "target/release/loopchat-load")
 FAST = ["--rate-per-s", "100000", "--rate-burst", "100000"]
+# The filled rooms are bigger than the default --retain-messages (100,000):
+# without this the server would trim them while they are measured.
+KEEP_ALL = ["--retain-messages", "10000000"]
 TICK = os.sysconf("SC_CLK_TCK")
 PORT = [18900]
 
@@ -232,7 +237,8 @@ def part_rooms():
     print(f"  RSS: {rss0} kB before, " + ", ".join(f"{rss[k]} kB at {k}" for k in sorted(rss)))
     print(f"  fsync+fdatasync calls during it: loop thread {calls.get('loop', 0)}, helper thread "
           f"{calls.get('helper', 0)} (store_syncs {store.get('store_syncs')}, "
-          f"store_wal_restarts {store.get('store_wal_restarts')}, store_checkpoints {store.get('store_checkpoints')})")
+          f"store_wal_restarts {store.get('store_wal_restarts')}, store_checkpoints {store.get('store_checkpoints')}, "
+          f"store_loop_checkpoints {store.get('store_loop_checkpoints')})")
     print(f"  other users' echo p99: idle {[round(x[1], 2) for x in idle]} ms; during it "
           f"{[round(x, 2) for x in probe]} ms")
     shutil.rmtree(data, ignore_errors=True)
@@ -271,7 +277,7 @@ def part_attack(base):
     data = os.path.join(base, "big1m")
     if not os.path.exists(data):
         fill(data, 1, 1_000_000)
-    srv = Server(data, ["--rate-per-s", "1000", "--rate-burst", "1000"])
+    srv = Server(data, ["--rate-per-s", "1000", "--rate-burst", "1000", *KEEP_ALL])
     rows = []
     try:
         for rnd in range(3):
@@ -306,9 +312,12 @@ def part_startup(base):
         room = "r0"
         clean, crashed = [], []
         rss = None
+        # Not measured: leaves the dir closed cleanly whatever ended the
+        # last run (this part itself ends on a kill -9).
+        Server(data, [*FAST, *KEEP_ALL]).stop()
         for run in range(4):
             kill = run >= 2
-            srv = Server(data)
+            srv = Server(data, [*FAST, *KEEP_ALL])
             (crashed if run >= 3 else clean).append(srv.start_s * 1e3)
             if rss is None:
                 rss = srv.rss_kb()
@@ -333,13 +342,19 @@ async def page_costs(srv, room, newest, n=300):
     ws = await connect(srv.url, "pager")
     rng = random.Random(7)
     out = {}
-    for kind in ("newest 50", "before random, 50", "since newest-50", "since random"):
+    for kind in ("limit 1", "newest 50", "before random, 50", "since newest-50", "since random"):
         lat = []
         got = []
         cpu0 = srv.cpu_s()
-        for _ in range(n):
+        # Enough calls for the 10 ms ticks of /proc to resolve a few µs.
+        calls = 3000 if kind == "limit 1" else n
+        for _ in range(calls):
             t = time.monotonic()
-            if kind == "newest 50":
+            if kind == "limit 1":
+                await ws.send(json.dumps({"type": "history", "room": room, "limit": 1}))
+                ev = await expect(ws, "history")
+                assert len(ev["messages"]) == 1
+            elif kind == "newest 50":
                 await ws.send(json.dumps({"type": "history", "room": room, "limit": 50}))
                 ev = await expect(ws, "history")
                 assert len(ev["messages"]) == 50
@@ -361,7 +376,7 @@ async def page_costs(srv, room, newest, n=300):
             lat.append((time.monotonic() - t) * 1e3)
         cpu = srv.cpu_s() - cpu0
         label = f"{kind} ({statistics.median(got):.0f} msgs)" if got else kind
-        out[label] = (pct(lat, 50), pct(lat, 99), cpu * 1e6 / n)
+        out[label] = (pct(lat, 50), pct(lat, 99), cpu * 1e6 / calls)
     await ws.close()
     return out
 
@@ -372,7 +387,7 @@ def part_pages(base):
         data = os.path.join(base, "big1m" if n == 1_000_000 else f"big{n}")
         if not os.path.exists(data):
             fill(data, 1, n)
-        srv = Server(data)
+        srv = Server(data, [*FAST, *KEEP_ALL])
         try:
             res = asyncio.run(page_costs(srv, "big", n))
         finally:

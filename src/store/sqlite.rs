@@ -1253,15 +1253,13 @@ impl History for SqliteHistory {
         // Written in the open transaction: its state is still needed if the
         // commit fails (`abandon_txn`); the commit drops it.
         match self.live.get(room) {
-            Some(live) if live.written => {
-                if !self.released.iter().any(|n| &**n == room) {
-                    self.released.push(room.into());
-                }
-            }
-            Some(_) => {
+            Some(live) if !live.written => {
                 self.live.remove(room);
             }
-            None => {}
+            Some(_) if !self.released.iter().any(|n| &**n == room) => {
+                self.released.push(room.into());
+            }
+            _ => {}
         }
     }
 
