@@ -8,9 +8,11 @@
 //! JSON-lines data dir ([`super::legacy`] reads it). `checkpointer` is the
 //! helper thread that syncs and checkpoints the write-ahead log off the loop.
 //!
-//! Everything here runs on the loop thread and is bounded: an append is two
-//! B-tree writes into the page cache, a read is one indexed range query
-//! (O(log n + page)), retention deletes at most a fixed batch per commit.
+//! Everything here runs on the loop thread and is bounded: an append joins
+//! the iteration's list, which the commit (or a read before it) inserts in
+//! a few multi-row statements, B-tree writes into the page cache; a read is
+//! one indexed range query (O(log n + page)); retention deletes at most a
+//! fixed batch per commit.
 //! The loop waits for the disk only in [`History::commit`] with `--fsync
 //! always` (by design), and when a log that grew past [`WAL_HARD_FRAMES`]
 //! under a load that never let the helper catch up is checkpointed here.
