@@ -1,11 +1,12 @@
 //! The `loopchat` binary: command line → [`Config`] → [`Server::bind`] →
-//! [`Server::run`]. Exit codes: 0 after a clean shutdown, 1 when the loop
-//! fails, 2 for a bad command line or a server that cannot start.
+//! [`Server::run`]. Exit codes: 0 after a clean shutdown, 1 when the store
+//! cannot be opened or the loop fails, 2 for a bad command line or a server
+//! that cannot start otherwise.
 
 use std::process::ExitCode;
 
 use loopchat::config::{self, Parsed};
-use loopchat::{Config, Server};
+use loopchat::{Config, Server, ServerError};
 
 /// The heap, counted: what `--memory-limit` and `/stats`'
 /// `memory_used_bytes` measure (see `src/memory.rs`).
@@ -45,7 +46,9 @@ fn main() -> ExitCode {
         Ok(server) => server,
         Err(e) => {
             eprintln!("loopchat: {e}");
-            return ExitCode::from(2);
+            // The flags were fine; the data dir or its database is not.
+            let store = matches!(e, ServerError::Store(_));
+            return ExitCode::from(if store { 1 } else { 2 });
         }
     };
     log::info!(

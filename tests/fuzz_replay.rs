@@ -14,6 +14,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+#[path = "../fuzz/src/alloc_meter.rs"]
+mod alloc_meter;
 #[path = "../fuzz/src/command.rs"]
 mod command;
 #[path = "../fuzz/src/dispatch.rs"]
@@ -22,8 +24,20 @@ mod dispatch;
 mod http_head;
 #[path = "../fuzz/src/input.rs"]
 mod input;
+#[path = "../fuzz/src/legacy.rs"]
+mod legacy;
+#[path = "../fuzz/src/resp.rs"]
+mod resp;
+#[path = "../fuzz/src/store.rs"]
+mod store;
 #[path = "../fuzz/src/ws_read.rs"]
 mod ws_read;
+
+/// The `resp` target bounds the heap each decode holds, which needs the
+/// counting allocator (it counts per thread, so the other tests do not
+/// disturb it).
+#[global_allocator]
+static HEAP: alloc_meter::Meter = alloc_meter::Meter;
 
 /// A whole corpus replays in well under a second; this only catches a
 /// target that hangs.
@@ -93,4 +107,19 @@ fn fuzz_replay_dispatch() {
 #[test]
 fn fuzz_replay_ws_read() {
     replay("ws_read", ws_read::run);
+}
+
+#[test]
+fn fuzz_replay_store() {
+    replay("store", store::run);
+}
+
+#[test]
+fn fuzz_replay_legacy() {
+    replay("legacy", legacy::run);
+}
+
+#[test]
+fn fuzz_replay_resp() {
+    replay("resp", resp::run);
 }

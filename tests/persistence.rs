@@ -477,13 +477,37 @@ fn failing_writes_keep_the_server_up() {
 /// Runs the binary on `data` expecting it not to start: its exit status
 /// and its stderr.
 fn refused_start(data: &Path) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopchat"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+    refused_start_limited(data, None)
+}
+
+/// [`refused_start`], with files limited to `max_file_bytes` if given
+/// (`RLIMIT_FSIZE`, `SIGXFSZ` ignored): writes past it fail as on a full
+/// disk.
+fn refused_start_limited(data: &Path, max_file_bytes: Option<u64>) -> (Option<i32>, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loopchat"));
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env_remove("LOOPCHAT_LOG")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run loopchat");
+        .stdin(std::process::Stdio::null());
+    if let Some(max) = max_file_bytes {
+        // SAFETY: runs in the forked child before exec and only calls
+        // setrlimit and signal, which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: max as libc::rlim_t,
+                    rlim_max: max as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    }
+    let out = cmd.output().expect("run loopchat");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -500,7 +524,7 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     let mut a = server.connect("alice", "r");
     let id = say(&mut a, "r", "first");
     let (code, err) = refused_start(&tmp.data());
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("in use by another loopchat process"), "{err}");
     assert_eq!(say(&mut a, "r", "second"), id + 1);
@@ -529,7 +553,7 @@ fn a_corrupt_database_is_refused_at_start() {
     }
     std::fs::write(&db, &bytes).expect("damage db");
     let (code, err) = refused_start(&tmp.data());
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(
         err.contains("loopchat.db") && err.contains("corrupt"),
@@ -544,9 +568,44 @@ fn a_corrupt_database_is_refused_at_start() {
     // Not a database at all.
     std::fs::write(&db, b"this is not a database, it is a text file\n").expect("write");
     let (code, err) = refused_start(&tmp.data());
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("loopchat.db"), "{err}");
+}
+
+/// A database that cannot be opened and a disk too full to create one stop
+/// the start like a data dir in use or a corrupt file: exit 1 (2 is for a
+/// bad command line) with one line naming the path.
+#[test]
+fn store_failures_at_start_exit_1_with_one_line() {
+    let tmp = TempDir::new("startfail");
+    // Unreadable: the database's name is taken by a directory.
+    std::fs::create_dir_all(tmp.data().join("loopchat.db")).expect("mkdir");
+    let (code, err) = refused_start(&tmp.data());
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("loopchat.db"), "{err}");
+
+    // Full: room for the lock file's pid, not for the database's first page.
+    let fresh = tmp.0.join("full");
+    let (code, err) = refused_start_limited(&fresh, Some(64));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("loopchat.db"), "{err}");
+
+    // A bad flag is still 2.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopchat"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--retain-messages",
+            "0",
+            "--data-dir",
+        ])
+        .arg(&fresh)
+        .output()
+        .expect("run loopchat");
+    assert_eq!(out.status.code(), Some(2));
 }
 
 /// The messages of `room` as `(id, content, ts)`, via the `history` command.

@@ -9,7 +9,7 @@
 #   (cd /tmp/old-store && cargo build --release --bins)
 #   OLD=/tmp/old-store/target/release/loopchat benches/compare/fsync.sh
 #
-# Bounded: 3 rounds of at most 7 runs of 30,000 messages, each capped at
+# Bounded: 3 rounds of at most 7 runs of 60,000 messages, each capped at
 # 120 s. Loopback only.
 set -u
 cd "$(dirname "$0")/../.."
@@ -35,7 +35,7 @@ for run in 1 2 3; do
       taskset -c 0 $bin $flags --listen 127.0.0.1:$port --log-level warn --rate-per-s 100000 --rate-burst 100000 2>/dev/null &
       pid=$!
       for i in $(seq 50); do ss -ltn | grep -q ":$port " && break; sleep 0.1; done
-      timeout 120 taskset -c 1 ./target/release/loopchat-load fanout --url ws://127.0.0.1:$port/ws --receivers 10 --senders 10 --messages 3000 --msg-rate 0 --window 16 --json --quiet > target/fsync-fan.json 2>/dev/null
+      timeout 120 taskset -c 1 ./target/release/loopchat-load fanout --url ws://127.0.0.1:$port/ws --receivers 10 --senders 10 --messages 6000 --msg-rate 0 --window 16 --json --quiet > target/fsync-fan.json 2>/dev/null
       curl -s --max-time 5 127.0.0.1:$port/stats > target/fsync-stats.json
       python3 benches/compare/fsync_summary.py "$run" "$mode" "$store"
       kill $pid; wait $pid 2>/dev/null; pid=

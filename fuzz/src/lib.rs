@@ -7,8 +7,12 @@
 //! replays every committed corpus input on the stable toolchain, so what
 //! the fuzzer found stays tested without nightly. Owns no loopchat code.
 
+pub mod alloc_meter;
 pub mod command;
 pub mod dispatch;
 pub mod http_head;
 pub mod input;
+pub mod legacy;
+pub mod resp;
+pub mod store;
 pub mod ws_read;

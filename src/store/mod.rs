@@ -46,6 +46,9 @@ pub enum HistoryError {
     Corrupt(String),
     /// The database refused or failed an operation.
     Sqlite(rusqlite::Error),
+    /// The transaction holding the iteration's messages was rolled back
+    /// before the commit (a failed write ahead of a read): none is kept.
+    RolledBack(String),
 }
 
 impl fmt::Display for HistoryError {
@@ -54,6 +57,7 @@ impl fmt::Display for HistoryError {
             HistoryError::Io(e) => write!(f, "history i/o failed: {e}"),
             HistoryError::Corrupt(what) => write!(f, "history record corrupt: {what}"),
             HistoryError::Sqlite(e) => write!(f, "history database failed: {e}"),
+            HistoryError::RolledBack(why) => write!(f, "history not kept: {why}"),
         }
     }
 }

@@ -8,9 +8,11 @@
 //! JSON-lines data dir ([`super::legacy`] reads it). `checkpointer` is the
 //! helper thread that syncs and checkpoints the write-ahead log off the loop.
 //!
-//! Everything here runs on the loop thread and is bounded: an append is two
-//! B-tree writes into the page cache, a read is one indexed range query
-//! (O(log n + page)), retention deletes at most a fixed batch per commit.
+//! Everything here runs on the loop thread and is bounded: an append joins
+//! the iteration's list, which the commit (or a read before it) inserts in
+//! a few multi-row statements, B-tree writes into the page cache; a read is
+//! one indexed range query (O(log n + page)); retention deletes at most a
+//! fixed batch per commit.
 //! The loop waits for the disk only in [`History::commit`] with `--fsync
 //! always` (by design), and when a log that grew past [`WAL_HARD_FRAMES`]
 //! under a load that never let the helper catch up is checkpointed here.
@@ -33,6 +35,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -84,6 +87,16 @@ const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// SQLite's page cache for the loop's connection: the hot top of every
 /// B-tree and the newest pages of busy rooms.
 const CACHE_KIB: i64 = 16 * 1024;
+
+/// Rows per multi-row `INSERT`, largest first: the iteration's messages
+/// go to SQLite at commit (or before a read) in as few statements as these
+/// sizes allow, so that one statement's set-up and one descent of the
+/// B-tree serve many rows (see `SqliteHistory::flush`).
+const INSERT_SIZES: [usize; 3] = [32, 8, 1];
+
+/// Prepared statements kept by the loop's connection: more than the
+/// store's distinct statements (about 16).
+const STATEMENT_CACHE: usize = 48;
 
 /// Room names are 1–32 bytes (the protocol's rule; checked by the
 /// dispatcher, bounded here again because this is what goes to disk).
@@ -232,6 +245,27 @@ struct Live {
     stored: u64,
     /// No message of the room is older than this (learned by retention).
     oldest: Option<u64>,
+    /// The room is in `txn_rooms` (written in the open transaction).
+    written: bool,
+}
+
+/// A message appended in the open transaction and not yet handed to SQLite.
+struct Pending {
+    rid: i64,
+    id: i64,
+    json: Rc<RawValue>,
+}
+
+/// The multi-row `INSERT` of `rows` messages.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO messages(room, id, ts, json) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?)");
+    }
+    sql
 }
 
 /// A room retention looks at: `(rid, last stored id, oldest id if known,
@@ -260,6 +294,18 @@ pub struct SqliteHistory {
     txn_rooms: Vec<(Box<str>, i64)>,
     /// Messages appended in the open transaction.
     txn_appends: u64,
+    /// Rooms the open transaction created (counted in `rooms` once it
+    /// commits: a rolled-back row never existed).
+    txn_new_rooms: u64,
+    /// Messages appended but not yet inserted (see [`SqliteHistory::flush`]).
+    pending: Vec<Pending>,
+    /// The statements of [`INSERT_SIZES`], in that order.
+    insert_sql: [String; INSERT_SIZES.len()],
+    /// A transaction holding appended messages was rolled back outside
+    /// [`History::commit`] (a failed insert before a read, or SQLite rolling
+    /// back on its own): the next commit reports it, so that the dispatcher
+    /// refuses those messages.
+    lost: Option<String>,
     /// Rooms released while written in the open transaction.
     released: Vec<Box<str>>,
     /// Last ids of a transaction that failed: written again by the next
@@ -325,6 +371,15 @@ fn micros(since: Instant) -> u64 {
 /// string is escaped (`\"ts\":`), so the last unescaped one is the field;
 /// this scan is what keeps a second JSON parse off every append.
 fn ts_of(json: &str) -> i64 {
+    // The dispatcher's events end with it (`…,"ts":1735689600000}`): digits
+    // right before the closing brace cannot be inside a string.
+    if let Some(body) = json.strip_suffix('}') {
+        let digits = body.bytes().rev().take_while(u8::is_ascii_digit).count();
+        let (head, tail) = body.split_at(body.len() - digits);
+        if digits > 0 && head.ends_with("\"ts\":") && !head.ends_with("\\\"ts\":") {
+            return tail.parse().unwrap_or(0);
+        }
+    }
     let bytes = json.as_bytes();
     let mut end = bytes.len();
     while let Some(at) = json[..end].rfind("\"ts\":") {
@@ -415,8 +470,26 @@ fn synchronous(fsync: Fsync) -> &'static str {
     }
 }
 
+/// SQLite's process-wide settings, set once before its first connection:
+/// memory statistics off, since with them every one of SQLite's
+/// allocations (several per commit and per statement) takes a global mutex,
+/// and nothing in loopchat reads them. After SQLite was initialised (a
+/// connection opened elsewhere first) the call changes nothing.
+fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: `sqlite3_config` takes an int for this option; before
+        // `sqlite3_initialize` it sets it, after it returns SQLITE_MISUSE.
+        // The server opens its store before any other SQLite use.
+        let _ = unsafe {
+            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as c_int)
+        };
+    });
+}
+
 /// Opens a connection to `path` with the settings both of ours share.
 fn connect(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
+    configure_sqlite();
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -430,6 +503,12 @@ fn connect(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
             Some(format!("journal mode is {mode}, not wal")),
         ));
     }
+    // Without the planner's stability guarantee, SQLite marks a statement
+    // whose plan could depend on a bound value (a `LIMIT ?` is enough) to
+    // be compiled again after each new binding: every page read would
+    // parse its SQL anew (tens of µs). The plans here are key searches
+    // whatever the values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {};
          PRAGMA temp_store = MEMORY;
@@ -468,6 +547,9 @@ impl SqliteHistory {
             }
         };
         let conn = connect(&db_path, opts.fsync).map_err(db_err)?;
+        // Room for every statement the loop runs (rusqlite keeps 16): one
+        // evicted is parsed again on its next use.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.execute_batch(&format!("PRAGMA cache_size = -{CACHE_KIB};"))
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
@@ -566,6 +648,10 @@ impl SqliteHistory {
             in_txn: false,
             txn_rooms: Vec::new(),
             txn_appends: 0,
+            txn_new_rooms: 0,
+            pending: Vec::new(),
+            insert_sql: INSERT_SIZES.map(insert_sql),
+            lost: None,
             released: Vec::new(),
             carry: Vec::new(),
             sweep_after: 0,
@@ -621,17 +707,26 @@ impl SqliteHistory {
             return Err(self.failed(e));
         }
         self.in_txn = true;
-        let carried: rusqlite::Result<()> = (|| {
+        let carried: rusqlite::Result<u64> = (|| {
+            let mut find = self.conn.prepare_cached(SELECT_ROOM)?;
             let mut save = self.conn.prepare_cached(SAVE_LAST_ID)?;
+            let mut created = 0;
             for (name, last) in &self.carry {
+                // The room's row may have been rolled back with the rest.
+                if find.query_row([&**name], |_| Ok(())).optional()?.is_none() {
+                    created += 1;
+                }
                 save.execute(params![&**name, i64::try_from(*last).unwrap_or(i64::MAX)])?;
             }
-            Ok(())
+            Ok(created)
         })();
-        if let Err(e) = carried {
-            return Err(self.failed(e));
+        match carried {
+            Ok(created) => {
+                self.txn_new_rooms += created;
+                Ok(())
+            }
+            Err(e) => Err(self.failed(e)),
         }
-        Ok(())
     }
 
     /// The transaction is gone without committing (rolled back by us or by
@@ -654,7 +749,12 @@ impl SqliteHistory {
         }
         self.released.clear();
         self.in_txn = false;
+        if self.txn_appends > 0 && self.lost.is_none() {
+            self.lost = Some("the transaction holding them was rolled back".into());
+        }
         self.txn_appends = 0;
+        self.txn_new_rooms = 0;
+        self.pending.clear();
     }
 
     /// The live state of `room`, loaded (or the room created) if needed.
@@ -685,7 +785,7 @@ impl SqliteHistory {
                 Err(e) => return Err(self.failed(e)),
             };
             if created {
-                self.rooms += 1;
+                self.txn_new_rooms += 1;
             }
             self.live.insert(
                 room.into(),
@@ -694,6 +794,7 @@ impl SqliteHistory {
                     last_id: last.max(carried),
                     stored: last,
                     oldest: None,
+                    written: false,
                 },
             );
         }
@@ -716,6 +817,7 @@ impl SqliteHistory {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        self.insert_before_reading()?;
         let mut bad: Vec<(i64, i64)> = Vec::new();
         let result: rusqlite::Result<Vec<Kept>> = (|| {
             let mut stmt = self.conn.prepare_cached(sql)?;
@@ -785,6 +887,78 @@ impl SqliteHistory {
             log::warn!("cannot quarantine unreadable rows: {e}");
             let _ = self.failed(e);
         }
+    }
+
+    /// Hands the messages appended since the last call to SQLite, in the
+    /// open transaction: in multi-row `INSERT`s of [`INSERT_SIZES`] rows,
+    /// so that a busy iteration costs a few statements, not one per
+    /// message. Called by the commit and before every read (which must see
+    /// the iteration's messages). On an error some rows may be in the
+    /// transaction and others not: the caller rolls it back.
+    fn insert_pending(&mut self) -> rusqlite::Result<()> {
+        // SQLite may roll a transaction back by itself after an error (disk
+        // full, I/O): what follows would then run outside any transaction.
+        if self.in_txn && self.conn.is_autocommit() {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("the transaction was rolled back".into()),
+            ));
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        let inserted = (|| {
+            let mut rest = &pending[..];
+            for (sql, size) in self.insert_sql.iter().zip(INSERT_SIZES) {
+                if rest.len() < size {
+                    continue;
+                }
+                let mut insert = self.conn.prepare_cached(sql)?;
+                while rest.len() >= size {
+                    let (now, later) = rest.split_at(size);
+                    for (i, row) in now.iter().enumerate() {
+                        let at = 4 * i + 1;
+                        insert.raw_bind_parameter(at, row.rid)?;
+                        insert.raw_bind_parameter(at + 1, row.id)?;
+                        insert.raw_bind_parameter(at + 2, ts_of(row.json.get()))?;
+                        insert.raw_bind_parameter(at + 3, row.json.get())?;
+                    }
+                    insert.raw_execute()?;
+                    rest = later;
+                }
+            }
+            Ok(())
+        })();
+        // Keeps the buffer's capacity for the next iteration.
+        pending.clear();
+        self.pending = pending;
+        inserted
+    }
+
+    /// [`SqliteHistory::insert_pending`] before a read, which must see the
+    /// iteration's messages. If it fails, the transaction is rolled back and
+    /// the next commit reports its messages lost.
+    fn insert_before_reading(&mut self) -> Result<(), HistoryError> {
+        match self.insert_pending() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.append_errors += 1;
+                Err(self.roll_back(e))
+            }
+        }
+    }
+
+    /// Rolls the open transaction back after `e` (if SQLite has not done so
+    /// already) and forgets its state (`abandon_txn`).
+    fn roll_back(&mut self, e: rusqlite::Error) -> HistoryError {
+        log::warn!("history transaction failed, rolled back: {e}");
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.abandon_txn();
+        self.failing = true;
+        self.failed(e)
     }
 
     /// Brings `rooms.last_id` of the rooms written in this transaction up to
@@ -1036,27 +1210,20 @@ impl History for SqliteHistory {
             self.failing = true;
             return Err(e);
         }
-        // `rooms.last_id` is brought up once per room at commit, in the same
+        // Inserted with the iteration's others by `flush`, and
+        // `rooms.last_id` brought up once per room at commit, in the same
         // transaction: one row write per room per iteration, not per message.
-        let written = self
-            .conn
-            .prepare_cached(INSERT_MESSAGE)
-            .and_then(|mut insert| {
-                insert.execute(params![rid, id, ts_of(msg.json.get()), msg.json.get()])
-            });
-        if let Err(e) = written {
-            self.append_errors += 1;
-            if !self.failing {
-                log::warn!("history append to room {room:?} failed: {e}");
-            }
-            self.failing = true;
-            return Err(self.failed(e));
-        }
+        self.pending.push(Pending {
+            rid,
+            id,
+            json: msg.json,
+        });
         if let Some(live) = self.live.get_mut(room) {
             live.stored = msg.id;
-        }
-        if !self.txn_rooms.iter().any(|(_, r)| *r == rid) {
-            self.txn_rooms.push((room.into(), rid));
+            if !live.written {
+                live.written = true;
+                self.txn_rooms.push((room.into(), rid));
+            }
         }
         self.txn_appends += 1;
         self.appends += 1;
@@ -1087,28 +1254,38 @@ impl History for SqliteHistory {
     fn release(&mut self, room: &str) {
         // Written in the open transaction: its state is still needed if the
         // commit fails (`abandon_txn`); the commit drops it.
-        if !self.txn_rooms.iter().any(|(n, _)| &**n == room) {
-            self.live.remove(room);
-        } else if !self.released.iter().any(|n| &**n == room) {
-            self.released.push(room.into());
+        match self.live.get(room) {
+            Some(live) if !live.written => {
+                self.live.remove(room);
+            }
+            Some(_) if !self.released.iter().any(|n| &**n == room) => {
+                self.released.push(room.into());
+            }
+            _ => {}
         }
     }
 
     fn commit(&mut self) -> Result<(), HistoryError> {
         if !self.in_txn {
-            return Ok(());
+            // Messages whose transaction was rolled back since the last
+            // commit (before a read): the dispatcher must not deliver them.
+            return match self.lost.take() {
+                Some(why) => {
+                    self.commit_errors += 1;
+                    Err(HistoryError::RolledBack(why))
+                }
+                None => Ok(()),
+            };
         }
         let start = Instant::now();
-        if let Err(e) = self.save_last_ids() {
-            // Without them the ids of this transaction could be given again.
-            log::warn!("history commit failed: {e}");
-            if !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
-            self.abandon_txn();
+        // Without the last ids the ids of this transaction could be given
+        // again: no commit without them.
+        if let Err(e) = self.insert_pending().and_then(|()| self.save_last_ids()) {
+            let e = self.roll_back(e);
+            // Reported by this error, not again by the next commit.
+            self.lost = None;
             self.commit_errors += 1;
-            self.failing = true;
-            return Err(self.failed(e));
+            return Err(e);
         }
         if let Err(e) = self.trim() {
             log::warn!("retention failed: {e}");
@@ -1134,23 +1311,25 @@ impl History for SqliteHistory {
                 self.shared.commits.fetch_add(1, Ordering::SeqCst);
                 self.carry.clear();
                 self.txn_appends = 0;
-                self.txn_rooms.clear();
+                self.rooms += std::mem::take(&mut self.txn_new_rooms);
+                for (name, _) in self.txn_rooms.drain(..) {
+                    if let Some(live) = self.live.get_mut(&name) {
+                        live.written = false;
+                    }
+                }
                 for name in std::mem::take(&mut self.released) {
                     self.live.remove(&name);
                 }
+                self.lost = None;
                 self.failing = false;
                 self.checkpoint_if_huge();
                 Ok(())
             }
             Err(e) => {
-                log::warn!("history commit failed: {e}");
-                if !self.conn.is_autocommit() {
-                    let _ = self.conn.execute_batch("ROLLBACK");
-                }
-                self.abandon_txn();
+                let e = self.roll_back(e);
+                self.lost = None;
                 self.commit_errors += 1;
-                self.failing = true;
-                Err(self.failed(e))
+                Err(e)
             }
         }
     }
@@ -1323,6 +1502,91 @@ mod tests {
         let mut h = SqliteHistory::open(&o).expect("reopen");
         assert_eq!(ids(&h.last("r", 10).expect("last")), vec![1, 2, 3, 6]);
         assert_eq!(h.reserve_id("r").expect("id"), 7);
+    }
+
+    /// `store_rooms` counts rows of `rooms`: a room created by a
+    /// transaction that was rolled back is not counted; one that the next
+    /// transaction writes again (its carried last id) is.
+    #[test]
+    fn store_rooms_counts_only_committed_rooms() {
+        let tmp = TempDir::new("roomcount");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 100)).expect("open");
+        let rows = |h: &SqliteHistory| {
+            h.conn
+                .query_row("SELECT count(*) FROM rooms", [], |r| r.get::<_, i64>(0))
+                .expect("count")
+        };
+        send(&mut h, "a", 1);
+        h.commit().expect("commit");
+        assert_eq!((counter(&h, "store_rooms"), rows(&h)), (1, 1));
+        // "b" written to, "c" only given an id, then the transaction is gone.
+        send(&mut h, "b", 1);
+        h.reserve_id("c").expect("id");
+        assert_eq!(counter(&h, "store_rooms"), 1, "not before the commit");
+        h.conn.execute_batch("ROLLBACK").expect("rollback");
+        assert!(h.commit().is_err());
+        assert_eq!((counter(&h, "store_rooms"), rows(&h)), (1, 1));
+        // The next transaction writes their last ids: the rows exist again.
+        send(&mut h, "a", 1);
+        h.commit().expect("commit");
+        assert_eq!((counter(&h, "store_rooms"), rows(&h)), (3, 3));
+        assert_eq!(h.reserve_id("b").expect("id"), 2);
+        h.commit().expect("commit");
+        drop(h);
+        let h = SqliteHistory::open(&opts(&tmp.0, 100)).expect("reopen");
+        assert_eq!(counter(&h, "store_rooms"), 3);
+    }
+
+    /// The iteration's messages reach SQLite before a read (which sees
+    /// them); if that insert fails, the transaction is rolled back and the
+    /// commit says so, so that no message is delivered as kept.
+    #[test]
+    fn a_failed_insert_before_a_read_fails_the_commit() {
+        let tmp = TempDir::new("readfail");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 100)).expect("open");
+        send(&mut h, "r", 1);
+        assert_eq!(
+            ids(&h.last("r", 10).expect("last")),
+            vec![1],
+            "seen before the commit"
+        );
+        h.commit().expect("commit");
+        // A row in the way of the next id: its insert fails.
+        h.conn
+            .execute(
+                "INSERT INTO messages(room, id, ts, json) VALUES (1, 3, 0, '{}')",
+                [],
+            )
+            .expect("plant");
+        send(&mut h, "r", 2);
+        assert!(h.last("r", 10).is_err());
+        assert!(!h.healthy());
+        match h.commit() {
+            Err(HistoryError::RolledBack(_)) => {}
+            other => panic!("expected RolledBack, got {other:?}"),
+        }
+        assert!(h.commit().is_ok(), "reported once");
+        h.conn
+            .execute("DELETE FROM messages WHERE id = 3", [])
+            .expect("unplant");
+        assert_eq!(
+            send(&mut h, "r", 1),
+            vec![4],
+            "ids 2 and 3 are not given again"
+        );
+        h.commit().expect("commit");
+        assert!(h.healthy());
+        assert_eq!(ids(&h.after("r", 0, 10).expect("after")), vec![1, 4]);
+    }
+
+    #[test]
+    fn ts_is_read_from_the_end_of_the_event() {
+        assert_eq!(ts_of(r#"{"type":"message","content":"x","ts":17}"#), 17);
+        // Not the last field, or inside a string: the scan.
+        assert_eq!(ts_of(r#"{"ts":5,"id":1}"#), 5);
+        assert_eq!(ts_of(r#"{"content":"\"ts\":9","ts":3,"id":1}"#), 3);
+        assert_eq!(ts_of(r#"{"a\"ts":9}"#), 0);
+        assert_eq!(ts_of("{}"), 0);
     }
 
     #[test]
