@@ -212,6 +212,49 @@ fn failures_are_counted_and_fail_the_run() {
     assert_eq!(r["failure_reasons"]["connect refused"], 5, "{r}");
 }
 
+/// A small mass event: 300 sessions in rooms of 100 arrive and drop at
+/// once while two probes chat; every session opens, the leave drains, no
+/// probe message is lost, and each phase carries the server's iteration
+/// counters.
+#[test]
+fn mass_arrives_and_leaves_and_the_probes_lose_nothing() {
+    let (_server, url, pid) = start_server();
+    let pid = pid.to_string();
+    let (code, out, err) = run_load(&[
+        "mass",
+        "--url",
+        &url,
+        "--conns",
+        "300",
+        "--room-size",
+        "100",
+        "--probes",
+        "2",
+        "--hold-s",
+        "0.2",
+        "--pid",
+        &pid,
+        "--duration-s",
+        "40",
+        "--json",
+        "--quiet",
+    ]);
+    let r = json_report(&out, &err);
+    assert_eq!(code, Some(0), "{r}\n{err}");
+    assert_eq!(r["opened"], 300);
+    assert_eq!(r["drained"], true);
+    assert_eq!(r["probe_received"], r["probe_expected"]);
+    assert!(r["probe_sent"].as_u64().unwrap() > 0, "{r}");
+    let phases = r["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(names, ["connect", "hold", "leave", "after"]);
+    for p in phases {
+        assert!(p["iterations"].as_u64().is_some(), "{p}");
+        assert!(p["iterations_over_ms"]["10"].as_u64().is_some(), "{p}");
+    }
+    assert!(r["slowest_iteration_cpu_us"].as_u64().unwrap() > 0, "{r}");
+}
+
 /// Flags are checked before any connection: a non-loopback target or an
 /// unknown flag is a one-line error and exit 2; --help lists the flags.
 #[test]
@@ -221,6 +264,7 @@ fn bad_flags_and_non_loopback_targets_exit_2() {
         &["fanout", "--senders", "5", "--receivers", "4"],
         &["churn", "--no-such-flag"],
         &["idle", "--cycles", "3"],
+        &["mass", "--leave", "slowly"],
     ] {
         let (code, out, err) = run_load(args);
         assert_eq!(code, Some(2), "{args:?}: {out} {err}");

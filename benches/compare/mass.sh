@@ -20,7 +20,7 @@ CONNS=${CONNS:-10000}
 BUDGETS=${BUDGETS:-6000}
 SHAPES=${SHAPES:-"100:drop 100:close 1000:drop"}
 LC=${LC:-$ROOT/target/release/loopchat}
-LOAD=$ROOT/target/release/loopchat-load
+LOAD=${LOAD:-$ROOT/target/release/loopchat-load}
 BASE=${BASE:-}
 pid=""
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null || true' EXIT
@@ -39,7 +39,8 @@ one() { # label binary budget-args room leave
   done
   local out
   out=$(timeout 150 taskset -c 1 "$LOAD" mass --url "ws://127.0.0.1:$port/ws" --conns "$CONNS" \
-    --room-size "$room" --leave "$leave" --pid "$pid" --duration-s 120 --json --quiet || true)
+    --room-size "$room" --leave "$leave" --pid "$pid" --duration-s 120 \
+    --connect-timeout-s "${CONNECT_TIMEOUT_S:-60}" --json --quiet || true)
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
   python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["server"]=sys.argv[2]; print(json.dumps(d))' "$out" "$label"
 }
