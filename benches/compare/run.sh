@@ -103,7 +103,8 @@ start_server() { # $1 = loopchat|node|wsrs|tokio; sets SERVER_PID and URL
 stop_server() { kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # run-queue wait (ns) and involuntary context switches: was core 0 shared?
-sched() { echo "$(awk '{print $2}' /proc/$1/schedstat) $(awk '/nonvoluntary/{print $2}' /proc/$1/status)"; }
+# Summed over the server's threads (tokio's workers are not its main thread).
+sched() { echo "$(cat /proc/$1/task/*/schedstat | awk '{s += $2} END {printf "%.0f", s}') $(awk '/nonvoluntary/{print $2}' /proc/$1/status)"; }
 
 load() { # $1 = result name; rest = loopchat-load args
   local name=$1; shift
