@@ -18,6 +18,10 @@
 //! server uses 4 KiB (loopchat's own default is 1 KiB);
 //! `TUNGSTENITE_READ_BUFFER=131072` gives the library default back.
 
+// The large error types are the library's own (its handler and callback
+// signatures return them).
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
