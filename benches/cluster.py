@@ -13,6 +13,8 @@ Usage: cargo build --release --bins && RUNS=3 python3 benches/cluster.py
   PARTS=pair,members   which measurements (pair: single node against two
                        nodes, 100 members; members: 3 nodes, room sizes)
   MEMBERS=99,1000,2000 room sizes of the members part
+  SAT_MESSAGES=N       messages of the members part's saturated runs
+  PACED=0              leave out the members part's paced runs
   LOOPCHAT=PATH        another server binary, to compare builds
   COMPARE=PATH         also run the cluster rows with this server binary,
                        in the same run (its rows are labelled "base")
@@ -193,7 +195,8 @@ def members_load(n, paced):
     load = ["fanout", "--receivers", str(n), "--senders", "1", "--threads", "3", "--rate", "500"]
     if paced:
         return load + ["--messages", "300", "--msg-rate", "30"]
-    return load + ["--messages", str(2000 if n <= 1000 else 700), "--msg-rate", "0", "--window", "16"]
+    count = SAT_MESSAGES or (2000 if n <= 1000 else 700)
+    return load + ["--messages", str(count), "--msg-rate", "0", "--window", "16"]
 
 def cpu_s(pid):
     return sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
@@ -207,6 +210,11 @@ def idle(label, redis_pid, seconds=5.0):
 PARTS = os.environ.get("PARTS", "pair,members").split(",")
 COMPARE = os.environ.get("COMPARE")
 MEMBERS = [int(m) for m in os.environ.get("MEMBERS", "99,1000,2000").split(",")]
+# Messages of the members part's saturated runs, instead of 2000 (700 over
+# 1,000 members); two runs with different counts give the per-message
+# share of the whole-run counts (syscalls, bytes) without the joins'.
+SAT_MESSAGES = int(os.environ.get("SAT_MESSAGES", "0"))
+PACED = os.environ.get("PACED", "1") == "1"
 
 def kill_all():
     for p in procs:
@@ -240,7 +248,7 @@ try:
             ports, pids = [p for _, p in nodes], [n.pid for n, _ in nodes]
             idle("3 nodes idle", red.pid)
             for n in MEMBERS:
-                for paced in (False, True):
+                for paced in (False, True) if PACED else (False,):
                     label = f"3 nodes {n} members {'30/s' if paced else 'sat'}"
                     measure(label, members_load(n, paced) + ["--room", f"m{n}{paced}{run}"], ports, pids, red.pid, rp)
             kill_all()
