@@ -13,7 +13,11 @@ Usage: cargo build --release --bins && RUNS=3 python3 benches/cluster.py
   PARTS=pair,members   which measurements (pair: single node against two
                        nodes, 100 members; members: 3 nodes, room sizes)
   MEMBERS=99,1000,2000 room sizes of the members part
+  SAT_MESSAGES=N       messages of the members part's saturated runs
+  PACED=0              leave out the members part's paced runs
   LOOPCHAT=PATH        another server binary, to compare builds
+  COMPARE=PATH         also run the cluster rows with this server binary,
+                       in the same run (its rows are labelled "base")
 Prints one JSON line per measurement."""
 import json, os, re, shutil, socket, subprocess, tempfile, threading, time
 
@@ -50,9 +54,9 @@ def start_redis():
             return p, port
     raise SystemExit("redis did not start")
 
-def start_node(extra):
+def start_node(extra, server=None):
     port = free_port()
-    p = subprocess.Popen(["taskset", "-c", "0", SERVER, "--listen", f"127.0.0.1:{port}",
+    p = subprocess.Popen(["taskset", "-c", "0", server or SERVER, "--listen", f"127.0.0.1:{port}",
                           "--log-level", "info", "--rate-per-s", "100000", "--rate-burst", "100000"] + extra,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     procs.append(p)
@@ -80,10 +84,10 @@ def tool(args, urls):
     except Exception:
         raise SystemExit(f"tool failed: {out.stdout} {out.stderr}")
 
-def commandstats(port):
-    # INFO commandstats over a plain RESP socket: {command: calls}.
+def info(port, section):
+    # INFO <section> over a plain RESP socket, as text.
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+    sock.sendall(f"*2\r\n$4\r\nINFO\r\n${len(section)}\r\n{section}\r\n".encode())
     buf = b""
     while b"\r\n" not in buf:
         buf += sock.recv(65536)
@@ -92,11 +96,34 @@ def commandstats(port):
     while len(rest) < want:
         rest += sock.recv(65536)
     sock.close()
+    return rest.decode()
+
+def commandstats(port):
+    # {command: calls}
     out = {}
-    for line in rest.decode().splitlines():
+    for line in info(port, "commandstats").splitlines():
         m = re.match(r"cmdstat_([a-z|_-]+):calls=(\d+)", line)
         if m:
             out[m.group(1)] = int(m.group(2))
+    return out
+
+def net_bytes(port):
+    # Redis's own count of bytes read from and written to clients.
+    out = {}
+    for line in info(port, "stats").splitlines():
+        k, _, v = line.partition(":")
+        if k in ("total_net_input_bytes", "total_net_output_bytes"):
+            out[k] = int(v)
+    return out
+
+def syscalls(pid):
+    # Read and write syscalls (/proc/PID/io): how many pieces a process
+    # reads and writes its bytes in.
+    out = {}
+    for line in open(f"/proc/{pid}/io"):
+        k, _, v = line.partition(":")
+        if k in ("syscr", "syscw"):
+            out[k] = int(v)
     return out
 
 def wakeups(pid):
@@ -113,10 +140,14 @@ def measure(label, args, ports, pids, redis_pid, redis_port=None):
     allp = pids + ([redis_pid] if redis_pid else [])
     pid_args = [a for p in allp for a in ("--pid", str(p))]
     before = commandstats(redis_port) if redis_port else {}
+    net0 = net_bytes(redis_port) if redis_port else {}
     woke = {p: wakeups(p) for p in allp}
+    sys0 = {p: syscalls(p) for p in allp}
     r = tool(args + pid_args, ports)
     woke = {p: wakeups(p) - w for p, w in woke.items()}
+    sysd = {p: {k: v - sys0[p][k] for k, v in syscalls(p).items()} for p in allp}
     after = commandstats(redis_port) if redis_port else {}
+    net1 = net_bytes(redis_port) if redis_port else {}
     calls = {k: v - before.get(k, 0) for k, v in after.items() if k != "info"}
     server = r.get("server") or {}
     each = {e["pid"]: e["cpu_s"] or 0.0 for e in server.get("cpu_per_pid", [])}
@@ -135,14 +166,20 @@ def measure(label, args, ports, pids, redis_pid, redis_port=None):
            "cpu_s_per_pid": each,
            # Over the whole run (joins included), per message.
            "wakeups_per_message": {p: round(w / max(msgs, 1), 2) for p, w in woke.items()},
+           # Over the whole run too: read and write syscalls per message.
+           "syscalls_per_message": {p: {k: round(v / max(msgs, 1), 2) for k, v in d.items()}
+                                    for p, d in sysd.items()},
            "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "per_s": r["deliveries_per_s"]}
     if redis_port:
-        # Publish script calls: its ZADD, less the refresh script's (one
-        # TIME each). Over the whole run, joins included: these are counts.
-        publish_calls = calls.get("zadd", 0) - calls.get("time", 0)
+        # Publish script calls: its RPUSH (or, in a build with the sorted
+        # set, its ZADD less the refresh script's, one TIME each). Over the
+        # whole run, joins included: these are counts.
+        publish_calls = calls.get("rpush", 0) or calls.get("zadd", 0) - calls.get("time", 0)
         row["messages_per_publish_call"] = msgs / max(publish_calls, 1)
         row["redis_publish_per_message"] = calls.get("publish", 0) / max(msgs, 1)
         row["redis_commands"] = {k: v for k, v in calls.items() if v}
+        row["redis_bytes_per_message"] = {k.split("_")[2]: round((net1[k] - net0[k]) / max(msgs, 1), 1)
+                                          for k in net1}
     print(json.dumps(row), flush=True)
     return row
 
@@ -158,7 +195,8 @@ def members_load(n, paced):
     load = ["fanout", "--receivers", str(n), "--senders", "1", "--threads", "3", "--rate", "500"]
     if paced:
         return load + ["--messages", "300", "--msg-rate", "30"]
-    return load + ["--messages", str(2000 if n <= 1000 else 700), "--msg-rate", "0", "--window", "16"]
+    count = SAT_MESSAGES or (2000 if n <= 1000 else 700)
+    return load + ["--messages", str(count), "--msg-rate", "0", "--window", "16"]
 
 def cpu_s(pid):
     return sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
@@ -170,7 +208,13 @@ def idle(label, redis_pid, seconds=5.0):
     print(json.dumps({"label": label, "redis_idle_us_per_s": (b - a) * 1e6 / seconds}), flush=True)
 
 PARTS = os.environ.get("PARTS", "pair,members").split(",")
+COMPARE = os.environ.get("COMPARE")
 MEMBERS = [int(m) for m in os.environ.get("MEMBERS", "99,1000,2000").split(",")]
+# Messages of the members part's saturated runs, instead of 2000 (700 over
+# 1,000 members); two runs with different counts give the per-message
+# share of the whole-run counts (syscalls, bytes) without the joins'.
+SAT_MESSAGES = int(os.environ.get("SAT_MESSAGES", "0"))
+PACED = os.environ.get("PACED", "1") == "1"
 
 def kill_all():
     for p in procs:
@@ -191,19 +235,20 @@ try:
             measure("single sat", SAT, [sp], [s.pid], None)
             measure("single 500/s", RATE, [sp], [s.pid], None)
             kill_all()
-            red, rp = start_redis()
-            a, ap = start_node(["--redis", f"redis://127.0.0.1:{rp}"])
-            b, bp = start_node(["--redis", f"redis://127.0.0.1:{rp}"])
-            measure("2 nodes sat", SAT + ["--room", f"sat{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
-            measure("2 nodes 500/s", RATE + ["--room", f"rate{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
-            kill_all()
+            for name, server in [("", None)] + ([("base ", COMPARE)] if COMPARE else []):
+                red, rp = start_redis()
+                a, ap = start_node(["--redis", f"redis://127.0.0.1:{rp}"], server)
+                b, bp = start_node(["--redis", f"redis://127.0.0.1:{rp}"], server)
+                measure(f"{name}2 nodes sat", SAT + ["--room", f"sat{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
+                measure(f"{name}2 nodes 500/s", RATE + ["--room", f"rate{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
+                kill_all()
         if "members" in PARTS:
             red, rp = start_redis()
             nodes = [start_node(["--redis", f"redis://127.0.0.1:{rp}"]) for _ in range(3)]
             ports, pids = [p for _, p in nodes], [n.pid for n, _ in nodes]
             idle("3 nodes idle", red.pid)
             for n in MEMBERS:
-                for paced in (False, True):
+                for paced in (False, True) if PACED else (False,):
                     label = f"3 nodes {n} members {'30/s' if paced else 'sat'}"
                     measure(label, members_load(n, paced) + ["--room", f"m{n}{paced}{run}"], ports, pids, red.pid, rp)
             kill_all()

@@ -393,6 +393,45 @@ fn flushall_ids_continue_above_what_was_served() {
     assert_eq!(alice.say("again")["id"].as_u64(), Some(from_b + 1));
 }
 
+/// Redis comes back with less than was served but not empty (an AOF that
+/// lost its last second): ids continue above what was served, and the
+/// history, a list indexed by id, keeps its entries at their ids, the
+/// skipped ids left out.
+#[test]
+fn ids_jump_over_what_redis_lost_and_history_keeps_its_ids() {
+    let deadline = Instant::now() + TEST_TIME;
+    let redis = Redis::start(false, deadline);
+    let a = node(&redis, &[], deadline);
+    let b = node(&redis, &[], deadline);
+    let mut alice = member(&a, "alice", "j");
+    let mut bob = member(&b, "bob", "j");
+    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    let ids: Vec<u64> = (0..3)
+        .map(|i| alice.say(&format!("m{i}"))["id"].as_u64().expect("id"))
+        .collect();
+    bob.wait_for("m2", |v| v["content"] == "m2");
+    // What an AOF missing the last two messages would hold.
+    let kept = ids[0].to_string();
+    redis.cmd(&["SET", "lc:seq:j", &kept]);
+    redis.cmd(&["LTRIM", "lc:history:j", "0", "0"]);
+    let next = bob.say("after")["id"].as_u64().expect("id");
+    assert_eq!(next, ids[2] + 1);
+    let mut carol = Client::connect(&a.url("username=carol&room=j"));
+    carol.expect("welcome");
+    let joined = carol.expect("joined");
+    assert_eq!(common::ids(&joined["history"]), [ids[0], next]);
+    carol.send(json!({"type":"history","room":"j","before":next,"limit":5}));
+    let page = carol.expect("history");
+    assert_eq!(common::ids(&page["messages"]), [ids[0]]);
+    let contents: Vec<&str> = joined["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert_eq!(contents, ["m0", "after"]);
+}
+
 /// A Redis that stops answering (`DEBUG SLEEP`) is down once the reply
 /// deadline passes: `unavailable`, then recovery by itself.
 #[test]

@@ -8,7 +8,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `lc:seq:{room}` | string | the room's last message id |
-//! | `lc:log:{room}` | sorted set | score id, member `"{id} {node} {ticket} {prefix}\x01{suffix}"` (the JSON is prefix, id, suffix), trimmed to `--retain-messages` |
+//! | `lc:history:{room}` | list | one entry per id, oldest first, the last one's id in `lc:seq:{room}`: `"{node} {ticket} {prefix}\x01{suffix}"` (the JSON is prefix, id, suffix), or `-` for an id skipped; trimmed to `--retain-messages` |
 //! | `lc:user:{name}` | string | the node holding the name |
 //! | `lc:names:{node}` | set | names a node holds |
 //! | `lc:members:{room}` | hash | member name → node |
@@ -46,9 +46,8 @@ pub const PREFIX: &str = "lc:";
 /// core); the reader does. JSON never holds a raw control character.
 const ID_MARK: char = '\u{1}';
 
-/// Most messages in one publish script call (each is one argument and two
-/// sorted-set arguments, which Lua unpacks onto its stack, which holds
-/// 8,000).
+/// Most messages in one publish script call (each is one argument, which
+/// the script unpacks onto Lua's stack, which holds 8,000).
 const MAX_BATCH: usize = 256;
 
 /// How often the subscription link is pinged: a subscription that stopped
@@ -75,10 +74,11 @@ enum Script {
     Direct,
     Refresh,
     Resync,
+    Read,
 }
 
 impl Script {
-    const ALL: [Script; 8] = [
+    const ALL: [Script; 9] = [
         Script::Publish,
         Script::Enter,
         Script::Part,
@@ -87,6 +87,7 @@ impl Script {
         Script::Direct,
         Script::Refresh,
         Script::Resync,
+        Script::Read,
     ];
 
     fn body(self) -> &'static str {
@@ -99,6 +100,7 @@ impl Script {
             Script::Direct => DIRECT_LUA,
             Script::Refresh => REFRESH_LUA,
             Script::Resync => RESYNC_LUA,
+            Script::Read => READ_LUA,
         }
     }
 }
@@ -109,34 +111,84 @@ impl Script {
 /// above the larger of the stored counter and the node's high-water mark,
 /// so that ids continue above every id served even when Redis came back
 /// empty. Each message comes as one argument, `"{node} {ticket}
-/// {prefix}\x01{suffix}"` (the message JSON with the id left out); the
-/// stored member is the id, a space, and that. One publication carries the
-/// whole batch: a header line with the first id, then the arguments as
-/// they came, one a line (JSON has no raw newline or \x01). Redis's work
-/// per message is one concatenation and the sorted-set insert; the rest is
-/// per call.
+/// {prefix}\x01{suffix}"` (the message JSON with the id left out), and is
+/// stored as it came: the history is a list whose last entry has the id in
+/// the counter, one entry per id, so an entry's id is its position (see
+/// [`READ_LUA`]). When ids jump (the counter is below the high-water mark:
+/// Redis came back with less than the nodes served), the skipped ids get a
+/// placeholder `-` each, or, if the jump is longer than the history kept,
+/// the old entries go. One publication carries the whole batch: a header
+/// line with the first id, then the arguments as they came, one a line
+/// (JSON has no raw newline or \x01). Redis's work per message is taking
+/// the argument in, the list push (a copy into the list's packed node) and
+/// its line of the publication; the rest is per call.
 const PUBLISH_LUA: &str = r#"
 local id = tonumber(redis.call('GET', KEYS[1]) or '0')
 local hwm = tonumber(ARGV[2])
-if hwm > id then id = hwm end
-local first = id + 1
-local zargs = {}
-for i = 5, #ARGV do
-  id = id + 1
-  local sid = string.format('%d', id)
-  zargs[#zargs + 1] = sid
-  zargs[#zargs + 1] = sid .. ' ' .. ARGV[i]
+local retain = tonumber(ARGV[3])
+if hwm > id then
+  local gap = hwm - id
+  if gap >= retain then
+    redis.call('DEL', KEYS[2])
+  elseif redis.call('LLEN', KEYS[2]) > 0 then
+    local holes = {}
+    for i = 1, math.min(gap, 1000) do holes[i] = '-' end
+    while gap > 0 do
+      local n = math.min(gap, 1000)
+      redis.call('RPUSH', KEYS[2], unpack(holes, 1, n))
+      gap = gap - n
+    end
+  end
+  id = hwm
 end
-redis.call('SET', KEYS[1], string.format('%d', id))
-redis.call('ZADD', KEYS[2], unpack(zargs))
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[3]) + 1))
+local first = id + 1
+redis.call('SET', KEYS[1], string.format('%d', id + #ARGV - 4))
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 5))
+redis.call('LTRIM', KEYS[2], -retain, -1)
 redis.call('PUBLISH', ARGV[4], 'B ' .. ARGV[1] .. ' ' .. string.format('%d', first) .. '\n' .. table.concat(ARGV, '\n', 5))
 return string.format('%d', first)
 "#;
 
+/// The Lua function both history readers share: entries of `log` with ids
+/// above `after` and below `before` (`''`: no bound), at most `limit`, the
+/// newest of the range or the oldest. The list's last entry has the id in
+/// the counter `seq` and every entry is one id (placeholders included), so
+/// ids are positions: no id is stored. Returns `{first id, {entries}}`,
+/// ascending.
+macro_rules! read_fn {
+    () => {
+        r#"
+local function read(seq, log, after, before, limit, newest)
+  local last = tonumber(redis.call('GET', seq) or '0')
+  local base = last - redis.call('LLEN', log) + 1
+  local lo, hi = base, last
+  if after ~= '' then lo = math.max(lo, tonumber(after) + 1) end
+  if before ~= '' then hi = math.min(hi, tonumber(before) - 1) end
+  if hi - lo + 1 > limit then
+    if newest then lo = hi - limit + 1 else hi = lo + limit - 1 end
+  end
+  if hi < lo then return last, {lo, {}} end
+  return last, {lo, redis.call('LRANGE', log, lo - base, hi - base)}
+end
+"#
+    };
+}
+
+/// A history page or a fill: KEYS counter, history; ARGV after, before,
+/// limit, `1` for the newest of the range.
+const READ_LUA: &str = concat!(
+    read_fn!(),
+    r#"
+local _, page = read(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1')
+return page
+"#
+);
+
 /// Membership, the join notice (once), and the joiner's view: last id,
 /// backlog, members; one script so the backlog and the notice agree.
-const ENTER_LUA: &str = r#"
+const ENTER_LUA: &str = concat!(
+    read_fn!(),
+    r#"
 if redis.call('HGET', KEYS[1], ARGV[2]) ~= ARGV[3] then
   if redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) == 1 then
     redis.call('ZINCRBY', KEYS[3], 1, ARGV[1])
@@ -144,18 +196,10 @@ if redis.call('HGET', KEYS[1], ARGV[2]) ~= ARGV[3] then
   redis.call('SADD', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
   redis.call('PUBLISH', ARGV[6], 'P ' .. ARGV[1] .. ' ' .. ARGV[7])
 end
-local last = tonumber(redis.call('GET', KEYS[4]) or '0')
-local max = tonumber(ARGV[5])
-local backlog = {}
-if max > 0 then
-  if ARGV[4] ~= '' then
-    backlog = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. ARGV[4], '+inf', 'WITHSCORES', 'LIMIT', 0, max)
-  else
-    backlog = redis.call('ZREVRANGE', KEYS[5], 0, max - 1, 'WITHSCORES')
-  end
-end
+local last, backlog = read(KEYS[4], KEYS[5], ARGV[4], '', tonumber(ARGV[5]), ARGV[4] == '')
 return {last, backlog, redis.call('HKEYS', KEYS[1])}
-"#;
+"#
+);
 
 const PART_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[2]) == ARGV[3] then
@@ -297,7 +341,7 @@ enum Tag {
         eval: Option<Eval>,
     },
     Load(Script),
-    Fill(Rc<str>),
+    Fill(Fill),
     Refresh,
 }
 
@@ -313,7 +357,6 @@ enum Op {
     Claim,
     Enter {
         room: Rc<str>,
-        since: bool,
     },
     /// A batch of messages of `room`, in submission order.
     Publish {
@@ -543,17 +586,14 @@ impl RedisEngine {
                     max,
                     notice,
                 } => (
-                    Op::Enter {
-                        room: room.clone(),
-                        since: since.is_some(),
-                    },
+                    Op::Enter { room: room.clone() },
                     Some(Script::Enter),
                     vec![
                         format!("{p}members:{room}"),
                         format!("{p}node:{node}"),
                         format!("{p}rooms"),
                         format!("{p}seq:{room}"),
-                        format!("{p}log:{room}"),
+                        format!("{p}history:{room}"),
                     ],
                     vec![
                         room.as_bytes().to_vec(),
@@ -621,20 +661,17 @@ impl RedisEngine {
                     room,
                     before,
                     limit,
-                } => {
-                    let top = before.map_or_else(|| "+inf".to_string(), |b| format!("({b}"));
-                    let args: Vec<Vec<u8>> = vec![
-                        b"ZREVRANGEBYSCORE".to_vec(),
-                        format!("{p}log:{room}").into(),
-                        top.into(),
-                        b"-inf".to_vec(),
-                        b"WITHSCORES".to_vec(),
-                        b"LIMIT".to_vec(),
-                        b"0".to_vec(),
-                        limit.to_string().into(),
-                    ];
-                    return self.plain(now, ticket, Op::Page, &args);
-                }
+                } => (
+                    Op::Page,
+                    Some(Script::Read),
+                    vec![format!("{p}seq:{room}"), format!("{p}history:{room}")],
+                    vec![
+                        Vec::new(),
+                        before.map_or_else(Vec::new, |b| b.to_string().into_bytes()),
+                        limit.to_string().into_bytes(),
+                        b"1".to_vec(),
+                    ],
+                ),
                 Request::Who { room } => {
                     let args = [b"HKEYS".to_vec(), format!("{p}members:{room}").into()];
                     return self.plain(now, ticket, Op::Who, &args);
@@ -692,7 +729,7 @@ impl RedisEngine {
                 args.extend([
                     b"2".to_vec(),
                     format!("{p}seq:{room}").into_bytes(),
-                    format!("{p}log:{room}").into_bytes(),
+                    format!("{p}history:{room}").into_bytes(),
                     room.as_bytes().to_vec(),
                     hwm.to_string().into_bytes(),
                     self.cfg.retain.to_string().into_bytes(),
@@ -805,23 +842,31 @@ impl RedisEngine {
     fn issue_fills(&mut self, now: u64, fills: Vec<Fill>) {
         for fill in fills {
             self.counters.fills += 1;
-            let top = fill
-                .upto
-                .map_or_else(|| "+inf".to_string(), |u| format!("({u}"));
-            let args: Vec<Vec<u8>> = vec![
-                b"ZRANGEBYSCORE".to_vec(),
-                format!("{PREFIX}log:{}", fill.room).into(),
-                format!("({}", fill.after).into(),
-                top.into(),
-                b"WITHSCORES".to_vec(),
-                b"LIMIT".to_vec(),
-                b"0".to_vec(),
-                FILL_BATCH.to_string().into(),
-            ];
-            if let Err(Tag::Fill(room)) = self.cmd.send(now, Tag::Fill(fill.room), &args) {
-                self.seqs.fill_failed(&room);
+            let args = self.fill_args(&fill);
+            if let Err(Tag::Fill(fill)) = self.cmd.send(now, Tag::Fill(fill), &args) {
+                self.seqs.fill_failed(&fill.room);
             }
         }
+    }
+
+    /// The read script's call for a fill (EVALSHA, or EVAL while the
+    /// script is not loaded).
+    fn fill_args(&self, fill: &Fill) -> Vec<Vec<u8>> {
+        let mut args: Vec<Vec<u8>> = match &self.shas[Script::Read as usize] {
+            Some(sha) => vec![b"EVALSHA".to_vec(), sha.clone().into_bytes()],
+            None => vec![b"EVAL".to_vec(), READ_LUA.as_bytes().to_vec()],
+        };
+        args.extend([
+            b"2".to_vec(),
+            format!("{PREFIX}seq:{}", fill.room).into_bytes(),
+            format!("{PREFIX}history:{}", fill.room).into_bytes(),
+            fill.after.to_string().into_bytes(),
+            fill.upto
+                .map_or_else(Vec::new, |u| u.to_string().into_bytes()),
+            FILL_BATCH.to_string().into_bytes(),
+            b"0".to_vec(),
+        ]);
+        args
     }
 
     /// Turn link events into completions and publications.
@@ -868,7 +913,7 @@ impl RedisEngine {
                                 Tag::Req { ticket, op, .. } => {
                                     self.fail_op(ticket, op, Unavailable::Lost)
                                 }
-                                Tag::Fill(room) => self.seqs.fill_failed(&room),
+                                Tag::Fill(fill) => self.seqs.fill_failed(&fill.room),
                                 _ => {}
                             }
                         }
@@ -1010,20 +1055,24 @@ impl RedisEngine {
         })
     }
 
-    /// `[member, score, member, score, …]` into entries, in the order
-    /// given. A stored member is the id, a space, then the entry as
-    /// published.
-    fn entries(&self, reply: &Reply) -> Vec<Entry> {
-        let Reply::Array(items) = reply else {
-            return Vec::new();
+    /// The read script's `{first id, {entries}}` into entries (ascending;
+    /// placeholders of skipped ids left out) and the number of stored
+    /// slots it covered.
+    fn entries(&self, reply: &Reply) -> (Vec<Entry>, usize) {
+        let Reply::Array(parts) = reply else {
+            return (Vec::new(), 0);
         };
-        items
-            .chunks(2)
-            .filter_map(|pair| {
-                let (id, text) = pair.first()?.text()?.split_once(' ')?;
-                self.entry(id.parse().ok()?, text)
-            })
-            .collect()
+        let (Some(first), Some(Reply::Array(items))) =
+            (parts.first().and_then(Reply::int), parts.get(1))
+        else {
+            return (Vec::new(), 0);
+        };
+        let first = first.max(0) as u64;
+        let entries = (first..)
+            .zip(items)
+            .filter_map(|(id, item)| self.entry(id, item.text()?))
+            .collect();
+        (entries, items.len())
     }
 
     fn kept(entries: Vec<Entry>) -> Vec<Kept> {
@@ -1070,11 +1119,24 @@ impl RedisEngine {
                 }
                 other => log::warn!("redis: refresh failed: {other:?}"),
             },
-            Tag::Fill(room) => {
-                let entries = self.entries(&reply);
+            Tag::Fill(fill) => {
+                if let Reply::Error(e) = &reply {
+                    if e.starts_with("NOSCRIPT") {
+                        // Redis lost its script cache: this fill goes again
+                        // with the body, and the script is loaded again.
+                        self.shas[Script::Read as usize] = None;
+                        let args = [b"SCRIPT".as_slice(), b"LOAD", READ_LUA.as_bytes()];
+                        let _ = self.cmd.send(now, Tag::Load(Script::Read), &args);
+                        return self.issue_fills(now, vec![fill]);
+                    }
+                    log::warn!("redis: fill of {} refused: {e}", fill.room);
+                }
+                let (entries, slots) = self.entries(&reply);
                 self.counters.filled += entries.len() as u64;
-                let want = wanted(&room);
-                self.seqs.filled(&room, entries, want, deliver, fills);
+                let want = wanted(&fill.room);
+                let full = slots >= FILL_BATCH;
+                self.seqs
+                    .filled(&fill.room, entries, full, want, deliver, fills);
             }
             Tag::Req { ticket, op, eval } => {
                 if let Reply::Error(e) = &reply {
@@ -1111,11 +1173,7 @@ impl RedisEngine {
                         }
                         return;
                     }
-                    Op::Page => {
-                        let mut entries = self.entries(&reply);
-                        entries.reverse();
-                        Answer::Page(Self::kept(entries))
-                    }
+                    Op::Page => Answer::Page(Self::kept(self.entries(&reply).0)),
                     Op::Who => Answer::Users(Self::names(&reply)),
                     Op::Rooms => {
                         let Reply::Array(items) = &reply else {
@@ -1131,15 +1189,12 @@ impl RedisEngine {
                             .collect();
                         Answer::Rooms(rooms)
                     }
-                    Op::Enter { room, since } => {
+                    Op::Enter { room } => {
                         let Reply::Array(parts) = &reply else {
                             return;
                         };
                         let last_id = parts.first().and_then(Reply::int).unwrap_or(0).max(0) as u64;
-                        let mut entries = parts.get(1).map(|r| self.entries(r)).unwrap_or_default();
-                        if !since {
-                            entries.reverse();
-                        }
+                        let entries = parts.get(1).map(|r| self.entries(r).0).unwrap_or_default();
                         let users = parts.get(2).map(Self::names).unwrap_or_default();
                         let last_id = entries.last().map_or(last_id, |e| e.id.max(last_id));
                         self.seqs.entered(&room, last_id);

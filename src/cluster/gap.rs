@@ -179,13 +179,16 @@ impl Sequences {
         }
     }
 
-    /// A fill came back with `entries` (ascending ids, at most
-    /// [`FILL_BATCH`]). Delivers them and then what was held; may ask for
-    /// the next batch or a new fill.
+    /// A fill came back with `entries` (ascending ids); `full` says the
+    /// store had more in the range than one batch ([`FILL_BATCH`] stored
+    /// slots, placeholders of skipped ids included, so `entries` may be
+    /// fewer). Delivers them and then what was held; may ask for the next
+    /// batch or a new fill.
     pub fn filled(
         &mut self,
         room: &Rc<str>,
         entries: Vec<Entry>,
+        full: bool,
         wanted: bool,
         deliver: &mut Vec<(Rc<str>, Entry)>,
         fills: &mut Vec<Fill>,
@@ -207,7 +210,6 @@ impl Sequences {
         let Some(filling) = seq.filling.as_mut() else {
             return;
         };
-        let full = entries.len() >= FILL_BATCH;
         for entry in entries {
             seq.high = seq.high.max(entry.id);
             if entry.id > seq.seen && filling.upto.map_or(true, |u| entry.id < u) {
@@ -283,9 +285,10 @@ mod tests {
         fn filled(&mut self, ids: impl IntoIterator<Item = u64>) {
             let mut d = Vec::new();
             let room = self.room.clone();
-            let entries = ids.into_iter().map(e).collect();
+            let entries: Vec<Entry> = ids.into_iter().map(e).collect();
+            let full = entries.len() >= FILL_BATCH;
             self.seqs
-                .filled(&room, entries, true, &mut d, &mut self.fills);
+                .filled(&room, entries, full, true, &mut d, &mut self.fills);
             self.got.extend(d.into_iter().map(|(_, e)| e.id));
         }
     }
