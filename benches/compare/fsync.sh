@@ -9,23 +9,32 @@
 #   (cd /tmp/old-store && cargo build --release --bins)
 #   OLD=/tmp/old-store/target/release/loopchat benches/compare/fsync.sh
 #
-# Bounded: 3 rounds of at most 7 runs of 60,000 messages, each capped at
-# 120 s. Loopback only.
+# BASE, likewise, names a second binary of this store (e.g. a copy of
+# target/release/loopchat taken before a change): each mode then also runs
+# on it, as the `base` column, so a change is measured against both.
+#
+# Bounded: 3 rounds (ROUNDS sets another number) of at most 10 runs of
+# 60,000 messages, each capped at 120 s. Loopback only.
 set -u
 cd "$(dirname "$0")/../.."
 cargo build --release --bins >/dev/null
 new=./target/release/loopchat
 old=${OLD:-}
+base=${BASE:-}
 pid=
 trap '[ -n "$pid" ] && kill $pid 2>/dev/null' EXIT
 port=18500
-for run in 1 2 3; do
+for run in $(seq ${ROUNDS:-3}); do
   for mode in no-persist never everysec always; do
-    for store in new old; do
+    for store in new base old; do
       if [ $store = old ]; then
         [ -n "$old" ] || continue
         [ $mode = no-persist ] && continue
         bin=$old
+      elif [ $store = base ]; then
+        [ -n "$base" ] || continue
+        [ $mode = no-persist ] && continue
+        bin=$base
       else
         bin=$new
       fi
