@@ -1591,7 +1591,7 @@ impl Server {
     }
 
     /// Write every dirty connection's outbox until it is empty or the
-    /// socket is full (`Outbox::write_to` hands up to 64 frames to each
+    /// socket is full (`Outbox::write_to` hands up to 256 frames to each
     /// `writev`), oldest first, until the pass budget is spent. Returns
     /// false when it stopped for the budget: the rest is flushed first by
     /// the next pass.
