@@ -246,7 +246,10 @@ fn mass_arrives_and_leaves_and_the_probes_lose_nothing() {
     assert_eq!(r["probe_received"], r["probe_expected"]);
     assert!(r["probe_sent"].as_u64().unwrap() > 0, "{r}");
     let phases = r["phases"].as_array().expect("phases");
-    let names: Vec<&str> = phases.iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    let names: Vec<&str> = phases
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["connect", "hold", "leave", "after"]);
     for p in phases {
         assert!(p["iterations"].as_u64().is_some(), "{p}");
