@@ -10,10 +10,9 @@
 //!    `dirty`, an unfinished accept), else the nearest deadline (timers, a
 //!    paused accept, the shutdown), else forever: an idle server uses no
 //!    CPU.
-//! 2. **What the last pass left, first** (`continue_reads`): connections
+//! 2. **What the last pass left, first** (`continue_reads`): sessions
 //!    whose read budget ran out, and those a spent pass budget left
-//!    unread; their readiness edge will not come back by itself. Then an
-//!    accept the budget cut short.
+//!    unread; their readiness edge will not come back by itself.
 //! 3. **Handle every event of the batch**, routed by token: the listener
 //!    accepts until `WouldBlock` (`accept_all`); the signal pipe and the
 //!    waker only set the stop flag; a connection token reads what its phase
@@ -22,8 +21,11 @@
 //!    edge marks it dirty. What the dispatcher produces collects in `out`;
 //!    a huge burst delivers early (`relieve_outbound`) so `out` stays
 //!    bounded. Once the pass has spent half its budget (`Budget`,
-//!    `--pass-budget-us`), a ready connection is listed in `again` instead
-//!    of read.
+//!    `--pass-budget-us`), a ready connection is listed instead of read:
+//!    an open session in `again`, an arrival or a departure (a request
+//!    head, a hang-up) in `turnover`, which comes after `again`.
+//!    Then the arrivals and departures left in `turnover` (at least
+//!    `MIN_TURNOVER` a pass), and an accept the budget cut short.
 //! 4. **`fire_timers`**: due deadlines (handshake, heartbeat, close), also
 //!    within the budget; the rest stay due.
 //! 5. **`settle`**: the history commits (the group-commit point for
@@ -54,7 +56,7 @@
 //! | `dirty` | key + generation (`Conn::dirty` keeps it once) | `mark_dirty` | `flush_dirty`, this pass or, with the budget spent, the next | crosses a `reap` when the budget is spent: the generation is checked |
 //! | `gone` | key | `leave` (→ `Gone`) | `reap`, this pass | its slots are the ones being freed |
 //! | uncommitted messages | sender key | the dispatcher | `Dispatcher::commit`, first step of `settle` | emptied before `reap` |
-//! | `again` | key + generation (`Conn::read_later` keeps it once) | `read_frames` (read budget spent), `on_ready` (pass budget spent) | `continue_reads`, next pass | crosses a `reap`: the generation is checked |
+//! | `again`, `turnover` | key + generation (`Conn::read_later` keeps it in one of them, once) | `read_frames` (read budget spent), `on_ready` (pass budget spent) | `continue_reads`, next pass | crosses a `reap`: the generation is checked |
 //! | timers | key + generation, one per key | every phase change | `pop_due`; `cancel` when `Gone` | cancelled at `Gone`; the generation is checked again when one fires |
 //! | room tables | key ↔ name, rooms | `Dispatcher::admit`/`open` | `Dispatcher::disconnect`, from `leave` | removed in the first `leave`, long before the slot is freed |
 //!
@@ -165,6 +167,14 @@ impl Budget {
     fn reads_spent(&self, pending: usize) -> bool {
         self.reads >= MIN_READS
             && (pending >= DELIVERY_SHARE || self.start.elapsed() >= self.read_share)
+    }
+
+    /// One read (or accept) from `queue`'s connections.
+    fn count(&mut self, queue: Queue) {
+        self.reads += 1;
+        if queue == Queue::Turnover {
+            self.turnover += 1;
+        }
     }
 
     /// The whole pass budget is spent.
@@ -520,6 +530,10 @@ impl Server {
     /// Run until shut down. Returns an error only when polling itself fails.
     pub fn run(mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
+        // The loop thread's CPU clock at the end of the last pass: a pass's
+        // CPU time is the difference (it includes the `poll` call, a few
+        // microseconds), one clock read per pass rather than two.
+        let mut cpu_mark = thread_cpu_us();
         loop {
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -529,7 +543,6 @@ impl Server {
                 return Err(ServerError::Poll(e));
             }
             let iteration_start = Instant::now();
-            let cpu_start = thread_cpu_us();
             self.budget.restart(iteration_start);
             let before = self.config.trace_loop.then(|| {
                 self.trace(&events, timeout);
@@ -584,7 +597,9 @@ impl Server {
                 self.settle();
             }
             let spent = iteration_start.elapsed().as_micros() as u64;
-            let cpu = thread_cpu_us().saturating_sub(cpu_start);
+            let cpu_now = thread_cpu_us();
+            let cpu = cpu_now.saturating_sub(cpu_mark);
+            cpu_mark = cpu_now;
             if let Some(before) = before {
                 self.trace_done(before, spent, cpu);
             }
@@ -849,8 +864,7 @@ impl Server {
                 self.counters.deferred += 1;
                 return;
             }
-            self.budget.reads += 1;
-            self.budget.turnover += 1;
+            self.budget.count(Queue::Turnover);
             match listener.accept() {
                 Ok((sock, peer)) => self.admit_socket(sock, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -947,7 +961,7 @@ impl Server {
         // they are read in the order they came.
         let behind = queue == Queue::Turnover && !self.turnover.is_empty();
         if !behind && !self.queue_spent(queue) {
-            self.count_read(queue);
+            self.budget.count(queue);
             return self.read(key);
         }
         self.counters.deferred += 1;
@@ -969,13 +983,6 @@ impl Server {
         }
     }
 
-    fn count_read(&mut self, queue: Queue) {
-        self.budget.reads += 1;
-        if queue == Queue::Turnover {
-            self.budget.turnover += 1;
-        }
-    }
-
     /// List the connection to be read next pass (once: `read_later`).
     fn read_later(&mut self, key: usize, queue: Queue) {
         let Some(conn) = self.conns.get_mut(key).filter(|c| !c.read_later) else {
@@ -983,9 +990,14 @@ impl Server {
         };
         conn.read_later = true;
         let entry = (key, conn.generation);
+        self.waiting(queue).push(entry);
+    }
+
+    /// The list `queue`'s connections wait in.
+    fn waiting(&mut self, queue: Queue) -> &mut Vec<(usize, u64)> {
         match queue {
-            Queue::Sessions => self.again.push(entry),
-            Queue::Turnover => self.turnover.push(entry),
+            Queue::Sessions => &mut self.again,
+            Queue::Turnover => &mut self.turnover,
         }
     }
 
@@ -1011,18 +1023,11 @@ impl Server {
     /// or pass budget spent), oldest first; what this pass cannot take
     /// stays ahead of what it adds.
     fn continue_reads(&mut self, queue: Queue) {
-        let list = match queue {
-            Queue::Sessions => &mut self.again,
-            Queue::Turnover => &mut self.turnover,
-        };
-        let mut backlog = std::mem::take(list).into_iter();
+        let mut backlog = std::mem::take(self.waiting(queue)).into_iter();
         while let Some((key, generation)) = backlog.next() {
             if self.queue_spent(queue) {
                 let rest = std::iter::once((key, generation)).chain(backlog).collect();
-                let list = match queue {
-                    Queue::Sessions => &mut self.again,
-                    Queue::Turnover => &mut self.turnover,
-                };
+                let list = self.waiting(queue);
                 let added = std::mem::replace(list, rest);
                 list.extend(added);
                 return;
@@ -1032,7 +1037,7 @@ impl Server {
             };
             if conn.generation == generation && !conn.is_gone() {
                 conn.read_later = false;
-                self.count_read(queue);
+                self.budget.count(queue);
                 self.read(key);
             }
         }
@@ -1367,7 +1372,6 @@ impl Server {
             dispatcher,
             out,
             counters,
-            again,
             ..
         } = self;
         let Some(conn) = conns.get_mut(key) else {
@@ -1380,13 +1384,12 @@ impl Server {
         };
         let limit = self.config.max_outbox_bytes;
         let mut end = None;
+        // The read budget ran out with frames left: read on next pass.
+        let mut more = false;
         let mut budget = READ_BUDGET;
         loop {
             if budget == 0 {
-                if !conn.read_later {
-                    conn.read_later = true;
-                    again.push((key, conn.generation));
-                }
+                more = true;
                 break;
             }
             budget -= 1;
@@ -1458,6 +1461,9 @@ impl Server {
         let (has_output, queued) = (!wire.outbox.is_empty(), wire.outbox.queued());
         if has_output {
             self.mark_dirty(key);
+        }
+        if more {
+            self.read_later(key, Queue::Sessions);
         }
         if self.memory.is_some() && !closing {
             self.heaviest.update(key, queued);

@@ -7,7 +7,6 @@
 //! keeps growing from the middle of the run to its end points at a leak.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -50,10 +49,7 @@ struct Share {
 
 fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) =
-        Driver::<Peer>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-            .map_err(|e| format!("cannot create the event loop: {e}"))?;
-    w.note(Note::Ready(waker));
+    let mut d = Driver::<Peer>::for_worker(w, &o.target, o.src_addrs, timeout)?;
     let c = &w.shared.counters;
     let slots = (o.concurrency / w.threads as u64
         + u64::from((w.index as u64) < o.concurrency % w.threads as u64)) as usize;

@@ -16,6 +16,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::conn::{Conn, ConnError, ConnEvent};
+use crate::crew::{Note, Worker};
 use crate::net::{self, SourceAddrs, Target};
 
 /// The main thread's doorbell; no connection can have this key.
@@ -73,6 +74,25 @@ impl<P> Driver<P> {
             next_scan: Instant::now(),
         };
         Ok((driver, waker))
+    }
+
+    /// Worker `w`'s loop towards `target`, its waker already handed to the
+    /// main thread (which waits for every worker's before a run starts).
+    pub fn for_worker(
+        w: &Worker,
+        target: &Target,
+        source_addrs: u32,
+        connect_timeout: Duration,
+    ) -> Result<Self, String> {
+        let (driver, waker) = Driver::new(
+            Arc::new(target.clone()),
+            source_addrs,
+            w.index,
+            connect_timeout,
+        )
+        .map_err(|e| format!("cannot create the event loop: {e}"))?;
+        w.note(Note::Ready(waker));
+        Ok(driver)
     }
 
     /// Starts a connection with `params` appended to the URL's query.

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -132,14 +131,7 @@ fn parse_content(c: &str) -> Option<(u64, u64, u64)> {
 
 fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) = Driver::<usize>::new(
-        Arc::new(o.target_for(w.index).clone()),
-        o.src_addrs,
-        w.index,
-        timeout,
-    )
-    .map_err(|e| format!("cannot create the event loop: {e}"))?;
-    w.note(Note::Ready(waker));
+    let mut d = Driver::<usize>::for_worker(w, o.target_for(w.index), o.src_addrs, timeout)?;
     let c = &w.shared.counters;
     let mut members: Vec<Member> = w
         .share(o.receivers)

@@ -6,7 +6,6 @@
 //! as one giant room would measure join-notice fan-out instead of idleness.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -44,10 +43,7 @@ struct Share {
 
 fn worker(w: &Worker, o: &Options) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) =
-        Driver::<Peer>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-            .map_err(|e| format!("cannot create the event loop: {e}"))?;
-    w.note(Note::Ready(waker));
+    let mut d = Driver::<Peer>::for_worker(w, &o.target, o.src_addrs, timeout)?;
     let mine: Vec<u64> = w.share(o.conns).collect();
     let rate = o.rate / w.threads as f64;
     let start = Instant::now();

@@ -86,10 +86,7 @@ fn worker(w: &Worker, o: &Options, probes: &Probes) -> Result<Share, String> {
 
 fn mass_worker(w: &Worker, o: &Options, probes: &Probes) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) =
-        Driver::<bool>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-            .map_err(|e| format!("cannot create the event loop: {e}"))?;
-    w.note(Note::Ready(waker));
+    let mut d = Driver::<bool>::for_worker(w, &o.target, o.src_addrs, timeout)?;
     let mine: Vec<u64> = (w.index as u64..o.conns).step_by(o.threads).collect();
     let rate = o.rate / o.threads as f64;
     let mut share = Share::default();
@@ -205,10 +202,7 @@ fn parse_probe(c: &str) -> Option<(u64, u8)> {
 
 fn probe_worker(w: &Worker, o: &Options, probes: &Probes) -> Result<Share, String> {
     let timeout = Duration::from_secs_f64(o.connect_timeout_s);
-    let (mut d, waker) =
-        Driver::<Option<u64>>::new(Arc::new(o.target.clone()), o.src_addrs, w.index, timeout)
-            .map_err(|e| format!("cannot create the event loop: {e}"))?;
-    w.note(Note::Ready(waker));
+    let mut d = Driver::<Option<u64>>::for_worker(w, &o.target, o.src_addrs, timeout)?;
     let room = format!("{}-probe", o.room);
     let now = Instant::now();
     let mut share = Share::default();
