@@ -199,6 +199,45 @@ impl Phase {
     pub const NAMES: [&'static str; 7] = [
         "head", "claiming", "open", "closing", "flushing", "linger", "gone",
     ];
+
+    /// Where the phase is counted in [`Census`]: its place in
+    /// [`Phase::NAMES`]. `Taken` has none, since it only exists inside one
+    /// transition.
+    fn slot(&self) -> Option<usize> {
+        match self {
+            Phase::Head { .. } => Some(0),
+            Phase::Claiming { .. } => Some(1),
+            Phase::Open(_) => Some(2),
+            Phase::Closing(_) => Some(3),
+            Phase::Flushing(_) => Some(4),
+            Phase::Linger { .. } => Some(5),
+            Phase::Gone => Some(6),
+            Phase::Taken => None,
+        }
+    }
+}
+
+/// How many connections are in each phase, kept as they change phase
+/// ([`Conn::enter`]), arrive ([`Conn::new`]) and are freed
+/// ([`Conn::freed`]): `/stats` reads it instead of walking the slab, which
+/// at 19,000 connections took 2 ms of the loop per request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Census {
+    in_phase: [u64; Phase::NAMES.len()],
+}
+
+impl Census {
+    /// Each phase's name and count, in [`Phase::NAMES`] order.
+    pub fn by_phase(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Phase::NAMES.into_iter().zip(self.in_phase.iter().copied())
+    }
+
+    /// Connections in the phase called `name` (0 for an unknown name).
+    pub fn count(&self, name: &str) -> u64 {
+        self.by_phase()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, c)| c)
+    }
 }
 
 /// What the upgrade leads to.
@@ -212,7 +251,12 @@ pub enum Endpoint {
 pub struct Conn {
     /// Distinguishes this connection from earlier occupants of its slab slot.
     pub generation: u64,
-    pub phase: Phase,
+    /// Private so that every change of phase goes through [`Conn::enter`],
+    /// which keeps the [`Census`].
+    phase: Phase,
+    /// The phase this connection is counted in (its [`Phase::slot`]); it
+    /// differs from `phase` only while the phase is `Taken`.
+    counted: usize,
     pub endpoint: Endpoint,
     /// The `since` of the upgrade URL, used once when the session opens.
     pub since: Option<u64>,
@@ -238,13 +282,18 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(sock: TcpStream, generation: u64, now_ms: u64) -> Self {
+    /// A connection just accepted, in `Head`, counted in `census`.
+    pub fn new(sock: TcpStream, generation: u64, now_ms: u64, census: &mut Census) -> Self {
+        let phase = Phase::Head {
+            wire: Wire::new(sock),
+            buf: Vec::new(),
+        };
+        let counted = phase.slot().unwrap_or(0);
+        census.in_phase[counted] += 1;
         Conn {
             generation,
-            phase: Phase::Head {
-                wire: Wire::new(sock),
-                buf: Vec::new(),
-            },
+            phase,
+            counted,
             endpoint: Endpoint::Chat,
             since: None,
             last_seen_ms: now_ms,
@@ -255,6 +304,37 @@ impl Conn {
             hung_up: false,
             departing: false,
         }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// For changes within the phase (reading, a flag of `Linger`); a new
+    /// phase is entered with [`Conn::enter`].
+    pub fn phase_mut(&mut self) -> &mut Phase {
+        &mut self.phase
+    }
+
+    /// Take the phase out to build the next one from its parts, leaving
+    /// `Taken` until [`Conn::enter`] (the census still counts the old one).
+    pub fn take_phase(&mut self) -> Phase {
+        std::mem::replace(&mut self.phase, Phase::Taken)
+    }
+
+    /// Enter `next`, moving this connection's count in `census`.
+    pub fn enter(&mut self, next: Phase, census: &mut Census) {
+        if let Some(slot) = next.slot() {
+            census.in_phase[self.counted] -= 1;
+            census.in_phase[slot] += 1;
+            self.counted = slot;
+        }
+        self.phase = next;
+    }
+
+    /// The slab slot was freed: this connection no longer counts.
+    pub fn freed(&self, census: &mut Census) {
+        census.in_phase[self.counted] -= 1;
     }
 
     /// The connection's wire, whatever the phase.

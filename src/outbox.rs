@@ -14,6 +14,7 @@
 //! decision is [`Outbox::admits`]; it is pure and tested here without a
 //! socket.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
@@ -30,6 +31,22 @@ const MAX_IOVECS: usize = 256;
 /// given back. 64 covers a busy room's per-iteration burst without
 /// reallocating, and costs an idle connection at most 2 KiB.
 const SHRINK_ABOVE: usize = 64;
+
+thread_local! {
+    /// Unsent bytes in every outbox of this thread: one server runs on one
+    /// thread, so this is its `/stats` `outbox_bytes`, kept as bytes are
+    /// queued and leave instead of summed over the slab per request.
+    static QUEUED_HERE: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Unsent bytes in all outboxes of the calling thread.
+pub fn queued_on_this_thread() -> u64 {
+    QUEUED_HERE.get()
+}
+
+fn account(added: usize, removed: usize) {
+    QUEUED_HERE.set(QUEUED_HERE.get() + added as u64 - removed as u64);
+}
 
 /// Unsent frames of one connection.
 #[derive(Debug, Default)]
@@ -76,6 +93,7 @@ impl Outbox {
 
     /// Queue a frame (the bound is the caller's check, via [`Self::admits`]).
     pub fn push(&mut self, frame: Frame) {
+        account(frame.len(), 0);
         self.queued += frame.len();
         self.frames.push_back(frame);
     }
@@ -93,6 +111,7 @@ impl Outbox {
         if self.frames.capacity() > SHRINK_ABOVE {
             self.frames.shrink_to_fit();
         }
+        account(0, before - self.queued);
         before - self.queued
     }
 
@@ -135,6 +154,7 @@ impl Outbox {
 
     /// Account for `n` bytes having left, front first.
     fn consume(&mut self, mut n: usize) {
+        account(0, n);
         self.queued -= n;
         while n > 0 {
             let Some(front) = self.frames.front() else {
@@ -150,6 +170,12 @@ impl Outbox {
                 n = 0;
             }
         }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        account(0, self.queued);
     }
 }
 

@@ -81,11 +81,11 @@ use tungstenite::Message;
 
 use crate::cluster::engine::{EngineConfig, RedisEngine};
 use crate::config::Config;
-use crate::conn::{self, Conn, Endpoint, HandshakeFailed, Inbound, Phase};
+use crate::conn::{self, Census, Conn, Endpoint, HandshakeFailed, Inbound, Phase};
 use crate::dispatch::{Clock, Dispatcher, Effects, Refusal, SessionRequest, Settings};
 use crate::http::{self, Head, HeadError};
 use crate::memory::{self, Account, Heaviest};
-use crate::outbox::Flushed;
+use crate::outbox::{self, Flushed};
 use crate::protocol::{self, Frame, Limits};
 use crate::stats::{LoopCounters, Reject, Snapshot};
 use crate::store::{memory::MemoryHistory, History};
@@ -337,6 +337,8 @@ pub struct Server {
     ws_config: tungstenite::protocol::WebSocketConfig,
     max_connections: usize,
     conns: Slab<Conn>,
+    /// How many of `conns` are in each phase (for `/stats`).
+    census: Census,
     next_generation: u64,
     dispatcher: Dispatcher,
     out: Effects,
@@ -476,6 +478,7 @@ impl Server {
             ws_config: config.websocket(),
             max_connections,
             conns: Slab::new(),
+            census: Census::default(),
             next_generation: 1,
             dispatcher,
             engine,
@@ -675,7 +678,7 @@ impl Server {
                 WAKER => "waker".to_string(),
                 SIGNALS => "signals".to_string(),
                 Token(k) => match self.conns.get(k) {
-                    Some(c) => format!("conn #{k} ({})", c.phase.name()),
+                    Some(c) => format!("conn #{k} ({})", c.phase().name()),
                     None => format!("conn #{k} (gone)"),
                 },
             };
@@ -811,18 +814,18 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Claiming { .. } = conn.phase else {
+        let Phase::Claiming { .. } = conn.phase() else {
             return;
         };
         let Phase::Claiming {
             wire,
             buf,
             head_len,
-        } = std::mem::replace(&mut conn.phase, Phase::Taken)
+        } = conn.take_phase()
         else {
             return;
         };
-        conn.phase = Phase::Head { wire, buf };
+        conn.enter(Phase::Head { wire, buf }, &mut self.census);
         match result {
             Ok(()) => self.upgrade(key, head_len, Endpoint::Chat),
             Err(refusal) => {
@@ -920,7 +923,7 @@ impl Server {
             log::warn!("register {peer}: {e}");
             return;
         }
-        entry.insert(Conn::new(sock, generation, now));
+        entry.insert(Conn::new(sock, generation, now, &mut self.census));
         log::debug!("conn #{key} from {peer}");
         if over_limit {
             self.counters.reject(Reject::OverLimit);
@@ -1006,7 +1009,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        match conn.phase {
+        match conn.phase() {
             Phase::Head { .. } => self.read_head(key),
             // The claim decides; the client's bytes wait in the socket and
             // are read when the session opens.
@@ -1048,7 +1051,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Head { wire, buf } = &mut conn.phase else {
+        let Phase::Head { wire, buf } = conn.phase_mut() else {
             return;
         };
         let mut chunk = [0u8; 2048];
@@ -1187,13 +1190,13 @@ impl Server {
             // The suspended handshake: the name is being claimed across
             // the cluster; `admitted` resumes it.
             if let Some(conn) = self.conns.get_mut(key) {
-                if let Phase::Head { wire, buf } = std::mem::replace(&mut conn.phase, Phase::Taken)
-                {
-                    conn.phase = Phase::Claiming {
+                if let Phase::Head { wire, buf } = conn.take_phase() {
+                    let claiming = Phase::Claiming {
                         wire,
                         buf,
                         head_len: head.len,
                     };
+                    conn.enter(claiming, &mut self.census);
                 }
             }
             return;
@@ -1325,14 +1328,14 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Head { wire, mut buf } = std::mem::replace(&mut conn.phase, Phase::Taken) else {
+        let Phase::Head { wire, mut buf } = conn.take_phase() else {
             return;
         };
         conn.endpoint = endpoint;
         let early = buf.split_off(head_len);
         match conn::start_handshake(wire, buf, early, self.ws_config) {
             Ok(ws) => {
-                conn.phase = Phase::Open(ws);
+                conn.enter(Phase::Open(ws), &mut self.census);
                 let (generation, since) = (conn.generation, conn.since);
                 self.counters.sessions_opened += 1;
                 conn.last_seen_ms = now;
@@ -1377,13 +1380,16 @@ impl Server {
         let Some(conn) = conns.get_mut(key) else {
             return;
         };
-        let (ws, closing) = match &mut conn.phase {
+        let endpoint = conn.endpoint;
+        let (ws, closing) = match conn.phase_mut() {
             Phase::Open(ws) => (ws, false),
             Phase::Closing(ws) => (ws, true),
             _ => return,
         };
         let limit = self.config.max_outbox_bytes;
         let mut end = None;
+        // Any frame shows the peer is alive (recorded after the reads).
+        let mut heard = false;
         // The read budget ran out with frames left: read on next pass.
         let mut more = false;
         let mut budget = READ_BUDGET;
@@ -1410,12 +1416,11 @@ impl Server {
             }
             match inbound {
                 Inbound::Text(text) => {
-                    conn.last_seen_ms = clock.mono_ms;
-                    conn.pinged = false;
+                    heard = true;
                     if closing {
                         continue;
                     }
-                    match conn.endpoint {
+                    match endpoint {
                         Endpoint::Chat => dispatcher.handle_text(key, text.as_str(), clock, out),
                         Endpoint::Echo => {
                             let _ = ws.send(Message::Text(text));
@@ -1423,22 +1428,18 @@ impl Server {
                     }
                 }
                 Inbound::Binary(data) => {
-                    conn.last_seen_ms = clock.mono_ms;
-                    conn.pinged = false;
+                    heard = true;
                     if closing {
                         continue;
                     }
-                    match conn.endpoint {
+                    match endpoint {
                         Endpoint::Chat => dispatcher.handle_binary(key, clock, out),
                         Endpoint::Echo => {
                             let _ = ws.send(Message::Binary(data));
                         }
                     }
                 }
-                Inbound::Control => {
-                    conn.last_seen_ms = clock.mono_ms;
-                    conn.pinged = false;
-                }
+                Inbound::Control => heard = true,
                 Inbound::WouldBlock => break,
                 Inbound::Closed => {
                     end = Some(End::Clean);
@@ -1459,6 +1460,10 @@ impl Server {
         let wire = ws.get_mut();
         counters.bytes_in += std::mem::take(&mut wire.read_bytes);
         let (has_output, queued) = (!wire.outbox.is_empty(), wire.outbox.queued());
+        if heard {
+            conn.last_seen_ms = clock.mono_ms;
+            conn.pinged = false;
+        }
         if has_output {
             self.mark_dirty(key);
         }
@@ -1487,7 +1492,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Linger { wire, .. } = &mut conn.phase else {
+        let Phase::Linger { wire, .. } = conn.phase_mut() else {
             return;
         };
         let mut sink = [0u8; 1024];
@@ -1500,7 +1505,7 @@ impl Server {
                 Err(_) => break,
             }
         }
-        if let Some(Phase::Linger { shut: true, .. }) = self.conns.get(key).map(|c| &c.phase) {
+        if let Some(Phase::Linger { shut: true, .. }) = self.conns.get(key).map(Conn::phase) {
             self.leave(key, Exit::Drop);
         }
     }
@@ -1645,7 +1650,7 @@ impl Server {
             match result {
                 Ok((n, Flushed::All)) => {
                     self.counters.bytes_out += n as u64;
-                    match &mut conn.phase {
+                    match conn.phase_mut() {
                         Phase::Linger { wire, shut } if !*shut => {
                             // Last bytes sent: half-close and let the peer
                             // read them; drain_lingering reaps at EOF.
@@ -1816,7 +1821,7 @@ impl Server {
             return;
         };
         let saying_goodbye = matches!(
-            conn.phase,
+            conn.phase(),
             Phase::Closing(_) | Phase::Flushing(_) | Phase::Linger { .. }
         );
         match exit {
@@ -1829,8 +1834,8 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let was = conn.phase.name();
-        let next = match (std::mem::replace(&mut conn.phase, Phase::Taken), exit) {
+        let was = conn.phase().name();
+        let next = match (conn.take_phase(), exit) {
             (Phase::Open(mut ws), Exit::Goodbye(code, reason)) => {
                 match conn::send_close(&mut ws, code, reason) {
                     true => Phase::Closing(ws),
@@ -1868,7 +1873,7 @@ impl Server {
             }
         };
         let generation = conn.generation;
-        conn.phase = next;
+        conn.enter(next, &mut self.census);
         if conn.is_gone() {
             // Dropping the old phase closed the socket (if the goodbye
             // above could not even be queued, it is dropped here).
@@ -1923,7 +1928,7 @@ impl Server {
         }
         for key in std::mem::take(&mut self.gone) {
             if self.conns.get(key).is_some_and(Conn::is_gone) {
-                self.conns.remove(key);
+                self.conns.remove(key).freed(&mut self.census);
                 self.counters.removed += 1;
             }
         }
@@ -1959,7 +1964,7 @@ impl Server {
             // keep it so if a future change forgets to re-arm.
             match timer.kind {
                 Kind::Handshake => {
-                    if matches!(conn.phase, Phase::Head { .. } | Phase::Claiming { .. }) {
+                    if matches!(conn.phase(), Phase::Head { .. } | Phase::Claiming { .. }) {
                         log::debug!("conn #{key}: handshake timeout");
                         self.counters.reject(Reject::HandshakeTimeout);
                         self.leave(key, Exit::Drop);
@@ -1968,7 +1973,7 @@ impl Server {
                 Kind::Heartbeat => self.heartbeat(key, now),
                 Kind::Close => {
                     if matches!(
-                        conn.phase,
+                        conn.phase(),
                         Phase::Closing(_) | Phase::Flushing(_) | Phase::Linger { .. }
                     ) {
                         self.leave(key, Exit::Drop);
@@ -2043,7 +2048,7 @@ impl Server {
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            match self.conns.get(key).map(|c| &c.phase) {
+            match self.conns.get(key).map(Conn::phase) {
                 Some(Phase::Open(_)) => {
                     self.leave(key, Exit::Goodbye(1001, "server shutting down"))
                 }
@@ -2078,22 +2083,10 @@ impl Server {
         }
         // "handshake" is always 0 (the handshake completes in the call that
         // starts it, see conn.rs) and stays for dashboards that chart it.
-        let mut by_state: Vec<(&'static str, u64)> = std::iter::once("handshake")
-            .chain(Phase::NAMES)
-            .map(|s| (s, 0))
+        let by_state: Vec<(&'static str, u64)> = std::iter::once(("handshake", 0))
+            .chain(self.census.by_phase())
             .collect();
-        let mut outbox_bytes = 0u64;
-        for (_, conn) in self.conns.iter_mut() {
-            let name = conn.phase.name();
-            if let Some(slot) = by_state.iter_mut().find(|(s, _)| *s == name) {
-                slot.1 += 1;
-            }
-            outbox_bytes += conn.queued() as u64;
-        }
-        let open = by_state
-            .iter()
-            .find(|(s, _)| *s == "open")
-            .map_or(0, |s| s.1);
+        let open = self.census.count("open");
         let (rss_bytes, cpu_ms) = crate::stats::process_usage();
         let d = &self.dispatcher.counters;
         Snapshot {
@@ -2110,7 +2103,7 @@ impl Server {
             floods: d.floods,
             errors_sent: d.errors,
             unkept: d.unkept,
-            outbox_bytes,
+            outbox_bytes: outbox::queued_on_this_thread(),
             timers: self.timers.len() as u64,
             store: self.dispatcher.history_ref().counters(),
             max_connections: self.max_connections as u64,

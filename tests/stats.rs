@@ -125,3 +125,75 @@ fn metrics_parse_and_track() {
     assert!(seen.contains_key("loopchat_rejected_total{reason=\"over_limit\"}"));
     assert!(seen.contains_key("loopchat_connections_by_state{state=\"open\"}"));
 }
+
+/// The per-phase counts and `outbox_bytes` are kept as connections move
+/// rather than summed per request, so they must follow every phase and
+/// come back to zero when everyone is gone: a count missed on one path
+/// would show here as a phase or an outbox that never empties.
+#[test]
+fn phase_counts_and_outbox_bytes_return_to_zero() {
+    use std::io::Write;
+    let mut config = loopchat::Config::for_tests();
+    // Room for the pongs below to pile up without the flooder being shed.
+    config.max_outbox_bytes = 8 * 1024 * 1024;
+    let server = TestServer::with(config);
+
+    // Two request heads that never finish, and a 404 whose answer the
+    // client never reads (the server lingers on it, up to its deadline:
+    // too short to assert on a loaded machine, long enough to be counted
+    // out on its own path).
+    let mut heads: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = common::raw_connect(server.addr);
+            s.write_all(b"GET /ws?username=x HTTP/1.1\r\n")
+                .expect("write");
+            s
+        })
+        .collect();
+    let mut lingerer = common::raw_connect(server.addr);
+    lingerer
+        .write_all(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    // The third head is the /stats request itself.
+    server.wait_stats("two heads", |s| s["connections_by_state"]["head"] == 3);
+
+    // A session that pings without reading: its pongs pile up in the
+    // outbox once its socket buffers are full.
+    let mut a = server.client("a");
+    a.opening();
+    let mut flooder = common::raw_session(server.addr, "/ws?username=flooder");
+    common::shrink_receive_buffer(&flooder);
+    let mut batch = Vec::new();
+    for _ in 0..1000 {
+        batch.extend_from_slice(&[0x89, 0x80 | 120, 0, 0, 0, 0]);
+        batch.extend_from_slice(&[b'p'; 120]);
+    }
+    // Bounded: 40 batches are 4.9 MB of pongs, under the outbox bound and
+    // far over what the kernel's buffers hold.
+    let mut queued = 0;
+    for _ in 0..40 {
+        flooder.write_all(&batch).expect("write pings");
+        queued = server.stats()["outbox_bytes"]
+            .as_u64()
+            .expect("outbox_bytes");
+        if queued > 256 * 1024 {
+            break;
+        }
+    }
+    assert!(queued > 256 * 1024, "pongs never queued: {queued}");
+    let s = server.stats();
+    assert_eq!(s["connections_by_state"]["open"], 2, "{s}");
+    assert_eq!(s["connections"], 2, "{s}");
+
+    drop(flooder);
+    drop(a);
+    heads.clear();
+    drop(lingerer);
+    // Only the /stats request itself is left, still reading its head.
+    let s = server.wait_stats("everyone gone", |s| {
+        let by = s["connections_by_state"].as_object().expect("by state");
+        let others: u64 = by.values().filter_map(serde_json::Value::as_u64).sum();
+        by["head"] == 1 && others == 1 && s["outbox_bytes"] == 0
+    });
+    assert_eq!(s["connections"], 0, "{s}");
+}
