@@ -2,9 +2,10 @@
 //! text format).
 //!
 //! Counters are plain integers bumped where things happen, so reading them
-//! costs nothing; a request builds a [`Snapshot`] (one walk over the slab
-//! for the per-state gauges, a few microseconds even at 15,000
-//! connections) and renders it. Pure rendering, tested without a server.
+//! costs nothing; a request builds a [`Snapshot`] from them (the gauges
+//! too are kept as things change: connections per phase by
+//! `conn::Census`, queued bytes by the outboxes, so no request walks the
+//! slab) and renders it. Pure rendering, tested without a server.
 
 use std::fmt::Write as _;
 

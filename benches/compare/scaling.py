@@ -13,6 +13,10 @@ each (the parts of the question that do not involve the store):
 
     benches/compare/scaling.py              # about 3-4 minutes
     REPS=9 ROOM_SIZES=1000,10000 benches/compare/scaling.py
+    LOOPCHAT=/tmp/loopchat-before ROOM_SIZES= MEMBER_SIZES= benches/compare/scaling.py
+
+LOOPCHAT names another server binary (an earlier build, to compare); an
+empty size list skips its part.
 
 Server on core 0 (`taskset -c 0`, --no-persist), this script's client and
 `loopchat-load` (which holds the members and connections) on core 1;
@@ -31,7 +35,7 @@ from websockets.asyncio.client import connect
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-LC = os.path.join(ROOT, "target", "release", "loopchat")
+LC = os.environ.get("LOOPCHAT") or os.path.join(ROOT, "target", "release", "loopchat")
 LOAD = os.path.join(ROOT, "target", "release", "loopchat-load")
 PORT = int(os.environ.get("PORT", "18195"))
 REPS = int(os.environ.get("REPS", "7"))
