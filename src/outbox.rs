@@ -27,9 +27,10 @@ use crate::protocol::Frame;
 /// slice array (4 KiB) stays on the stack.
 const MAX_IOVECS: usize = 256;
 
-/// Queue capacity (in frames, 32 bytes each) kept after a flush; more is
-/// given back. 64 covers a busy room's per-iteration burst without
-/// reallocating, and costs an idle connection at most 2 KiB.
+/// Queue capacity (in frames, 32 bytes each) always kept; more is given
+/// back once it is no longer used (see [`Outbox::write_to`]). 64 covers a
+/// busy room's per-pass burst without reallocating, and costs an idle
+/// connection at most 2 KiB.
 const SHRINK_ABOVE: usize = 64;
 
 thread_local! {
@@ -124,6 +125,7 @@ impl Outbox {
     /// event.
     pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<(usize, Flushed)> {
         let mut total = 0;
+        let mut frames_sent = 0;
         while !self.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
@@ -141,21 +143,41 @@ impl Outbox {
                 Err(e) => return Err(e),
             };
             total += written;
-            self.consume(written);
+            frames_sent += self.consume(written);
         }
-        // A burst may have grown the queue; an idle connection should not
-        // keep that memory. Only above SHRINK_ABOVE, so that a busy
-        // connection does not reallocate every iteration.
-        if self.frames.capacity() > SHRINK_ABOVE {
+        // Capacity a burst grew is kept while the flushes use it: a member
+        // of a saturated room gets a hundred frames or more every pass, and
+        // giving the memory back after each flush made every pass grow the
+        // queue again (about 8% of the CPU per delivery, in reallocations
+        // and page faults). A flush that used under a quarter of it shows
+        // the burst is over; a connection that went quiet right after one
+        // gives it back at its heartbeat ([`Outbox::release_spare`]).
+        if self.frames.capacity() > SHRINK_ABOVE && frames_sent < self.frames.capacity() / 4 {
             self.frames.shrink_to_fit();
         }
         Ok((total, Flushed::All))
     }
 
-    /// Account for `n` bytes having left, front first.
-    fn consume(&mut self, mut n: usize) {
+    /// Give back queue capacity above [`SHRINK_ABOVE`] if nothing is
+    /// queued (called at each heartbeat, so a burst's memory is held at
+    /// most one heartbeat interval by a connection that then goes quiet).
+    pub fn release_spare(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > SHRINK_ABOVE {
+            self.frames.shrink_to_fit();
+        }
+    }
+
+    /// Queue capacity, in frames (for tests of the release rule).
+    pub fn capacity(&self) -> usize {
+        self.frames.capacity()
+    }
+
+    /// Account for `n` bytes having left, front first. Returns the frames
+    /// that left whole.
+    fn consume(&mut self, mut n: usize) -> usize {
         account(0, n);
         self.queued -= n;
+        let mut done = 0;
         while n > 0 {
             let Some(front) = self.frames.front() else {
                 break;
@@ -165,11 +187,13 @@ impl Outbox {
                 n -= rest;
                 self.front_sent = 0;
                 self.frames.pop_front();
+                done += 1;
             } else {
                 self.front_sent += n;
                 n = 0;
             }
         }
+        done
     }
 }
 
@@ -219,6 +243,43 @@ mod tests {
 
     fn frame(s: &str) -> Frame {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn busy_queues_keep_their_capacity_quiet_ones_give_it_back() {
+        let mut o = Outbox::new();
+        let mut s = Socket {
+            got: vec![],
+            room: usize::MAX,
+            calls: 0,
+        };
+        // Saturated: every flush carries 200 frames; the queue is not
+        // shrunk and grown again each time.
+        for _ in 0..3 {
+            for _ in 0..200 {
+                o.push(frame("abc"));
+            }
+            o.write_to(&mut s).unwrap();
+            assert!(o.capacity() >= 200, "{}", o.capacity());
+        }
+        // The burst is over: a flush of a few frames gives it back.
+        o.push(frame("abc"));
+        o.write_to(&mut s).unwrap();
+        assert!(o.capacity() <= SHRINK_ABOVE, "{}", o.capacity());
+        // Quiet right after a burst: the heartbeat gives it back.
+        for _ in 0..200 {
+            o.push(frame("abc"));
+        }
+        o.write_to(&mut s).unwrap();
+        assert!(o.capacity() >= 200);
+        o.release_spare();
+        assert!(o.capacity() <= SHRINK_ABOVE, "{}", o.capacity());
+        // Never while frames wait.
+        for _ in 0..200 {
+            o.push(frame("abc"));
+        }
+        o.release_spare();
+        assert_eq!(o.queued(), 600);
     }
 
     #[test]

@@ -1996,6 +1996,9 @@ impl Server {
         }
         let generation = conn.generation;
         let quiet_since = conn.last_seen_ms;
+        if let Some(wire) = conn.wire() {
+            wire.outbox.release_spare();
+        }
         if now < quiet_since + interval {
             self.timers
                 .arm(quiet_since + interval, key, generation, Kind::Heartbeat);
