@@ -54,6 +54,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::outbox::Outbox;
+use crate::protocol::Frame;
 
 /// The stream tungstenite reads from and writes to.
 ///
@@ -93,7 +94,7 @@ impl Wire {
 
     /// Queue raw bytes (an HTTP answer, the 101) for the socket.
     pub fn queue(&mut self, bytes: Vec<u8>) {
-        self.outbox.push(Bytes::from(bytes));
+        self.outbox.push(Frame::from_vec(bytes));
     }
 
     /// Read from the socket into `buf` (which is `len` bytes full).
@@ -125,7 +126,7 @@ impl Read for Wire {
 
 impl Write for Wire {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.outbox.push(Bytes::copy_from_slice(buf));
+        self.outbox.push(Frame::copy_from_slice(buf));
         Ok(buf.len())
     }
 

@@ -206,7 +206,6 @@ impl Drop for Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tungstenite::Bytes;
 
     /// A socket that takes at most `room` bytes, then says WouldBlock.
     struct Socket {
@@ -242,7 +241,7 @@ mod tests {
     }
 
     fn frame(s: &str) -> Frame {
-        Bytes::copy_from_slice(s.as_bytes())
+        Frame::copy_from_slice(s.as_bytes())
     }
 
     #[test]

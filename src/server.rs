@@ -1525,19 +1525,17 @@ impl Server {
     /// then carry out its close requests (which may produce more).
     fn apply(&mut self) {
         let mut out = std::mem::take(&mut self.out);
-        let mut next = 0;
         loop {
-            while next < out.sends.len() {
-                let (to, frame) = &mut out.sends[next];
-                let (to, frame) = (*to, std::mem::take(frame));
-                next += 1;
+            // What delivering causes (a slow consumer's leave notices)
+            // lands in self.out, behind these.
+            for (to, frame) in out.sends.drain(..) {
                 self.deliver(to, frame);
             }
             // Closes end sessions, whose leave notices land in self.out.
             let more = std::mem::take(&mut self.out);
             out.sends.extend(more.sends);
             out.closes.extend(more.closes);
-            if next < out.sends.len() {
+            if !out.sends.is_empty() {
                 continue;
             }
             match out.closes.pop() {

@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use loopchat::dispatch::{Clock, Dispatcher, Effects, Refusal, SessionRequest, Settings};
 use loopchat::outbox::{Flushed, Outbox};
+use loopchat::protocol::Frame;
 use loopchat::protocol::{self, Limits};
 use loopchat::rate::{Bucket, Rate, Verdict};
 use loopchat::rooms::{self, ConnKey};
@@ -23,7 +24,6 @@ use loopchat::store::{History, Kept};
 use loopchat::timers::{Kind, Timers, RESOLUTION_MS};
 use proptest::prelude::*;
 use serde_json::value::RawValue;
-use tungstenite::Bytes;
 
 // ---- outbox -------------------------------------------------------------
 
@@ -100,7 +100,7 @@ proptest! {
             match op {
                 OutboxOp::Push(len) => {
                     let frame = numbered_frame(n, len);
-                    outbox.push(Bytes::from(frame.clone()));
+                    outbox.push(Frame::from_vec(frame.clone()));
                     model.push_back(frame);
                 }
                 OutboxOp::Flush(room) => {
@@ -154,7 +154,7 @@ proptest! {
         let mut largest_alone = 0;
         for (frames, room) in rounds {
             for &len in &frames {
-                let frame = Bytes::from(vec![b'x'; len]);
+                let frame = Frame::from_vec(vec![b'x'; len]);
                 if slow.admits(len, limit) {
                     if slow.is_empty() {
                         largest_alone = largest_alone.max(len);
