@@ -18,6 +18,7 @@ Usage: cargo build --release --bins && RUNS=3 python3 benches/cluster.py
   LOOPCHAT=PATH        another server binary, to compare builds
   COMPARE=PATH         also run the cluster rows with this server binary,
                        in the same run (its rows are labelled "base")
+  MSG_RATE=500         the pair part's paced rate (6 s of messages)
 Prints one JSON line per measurement."""
 import json, os, re, shutil, socket, subprocess, tempfile, threading, time
 
@@ -184,7 +185,10 @@ def measure(label, args, ports, pids, redis_pid, redis_port=None):
     return row
 
 SAT = ["fanout", "--receivers", "100", "--senders", "10", "--messages", "1000", "--msg-rate", "0", "--window", "16", "--threads", "2"]
-RATE = ["fanout", "--receivers", "100", "--senders", "10", "--messages", "300", "--msg-rate", "500", "--threads", "2"]
+# MSG_RATE: the paced rows' rate (default 500 msg/s), 6 s of messages.
+MSG_RATE = int(os.environ.get("MSG_RATE", "500"))
+RATE = ["fanout", "--receivers", "100", "--senders", "10", "--messages", str(MSG_RATE * 6 // 10),
+        "--msg-rate", str(MSG_RATE), "--threads", "2"]
 
 def members_load(n, paced):
     # One sender in a room of n members over 3 nodes; saturated (window 16:
@@ -233,14 +237,18 @@ try:
             # single node, then two nodes + redis, same loads
             s, sp = start_node(["--no-persist"])
             measure("single sat", SAT, [sp], [s.pid], None)
-            measure("single 500/s", RATE, [sp], [s.pid], None)
+            measure(f"single {MSG_RATE}/s", RATE, [sp], [s.pid], None)
             kill_all()
-            for name, server in [("", None)] + ([("base ", COMPARE)] if COMPARE else []):
+            # This build and COMPARE take turns going first, so that neither
+            # always gets the same slot of a run while the shared machine's
+            # load drifts.
+            builds = [("", None)] + ([("base ", COMPARE)] if COMPARE else [])
+            for name, server in builds if run % 2 == 0 else builds[::-1]:
                 red, rp = start_redis()
                 a, ap = start_node(["--redis", f"redis://127.0.0.1:{rp}"], server)
                 b, bp = start_node(["--redis", f"redis://127.0.0.1:{rp}"], server)
                 measure(f"{name}2 nodes sat", SAT + ["--room", f"sat{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
-                measure(f"{name}2 nodes 500/s", RATE + ["--room", f"rate{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
+                measure(f"{name}2 nodes {MSG_RATE}/s", RATE + ["--room", f"rate{run}"], [ap, bp], [a.pid, b.pid], red.pid, rp)
                 kill_all()
         if "members" in PARTS:
             red, rp = start_redis()

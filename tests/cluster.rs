@@ -222,6 +222,49 @@ fn history_and_since_resume_on_another_node() {
     assert_eq!(resumed, ids[2..]);
 }
 
+/// `--retain-messages` bounds each room's history in Redis: after more
+/// messages than that (one at a time and a burst that goes as one publish
+/// call), the list holds the newest ones only, and every node reads them
+/// at their ids.
+#[test]
+fn retain_messages_bounds_the_history_in_redis() {
+    use loopchat::cluster::resp::Reply;
+    let deadline = Instant::now() + TEST_TIME;
+    let redis = Redis::start(false, deadline);
+    let a = node(&redis, &["--retain-messages", "4"], deadline);
+    let b = node(&redis, &["--retain-messages", "4"], deadline);
+    let mut alice = member(&a, "alice", "kept");
+    let mut ids: Vec<u64> = (0..3)
+        .map(|i| alice.say(&format!("m{i}"))["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(redis.cmd(&["LLEN", "lc:history:kept"]), Reply::Int(3));
+    let refs: Vec<String> = (0..6).map(|k| format!("burst{k}")).collect();
+    for r in &refs {
+        alice.send(json!({"type":"message","content":r,"ref":r}));
+    }
+    for r in &refs {
+        let v = alice.wait_for("ack", |v| v["ref"] == r.as_str());
+        ids.push(v["id"].as_u64().expect("id"));
+    }
+    assert_eq!(redis.cmd(&["LLEN", "lc:history:kept"]), Reply::Int(4));
+    let last = ids[ids.len() - 1].to_string();
+    assert_eq!(
+        redis.cmd(&["GET", "lc:seq:kept"]),
+        Reply::Bulk(last.into_bytes())
+    );
+    let mut carol = Client::connect(&b.url("username=carol&room=kept"));
+    carol.expect("welcome");
+    let joined = carol.expect("joined");
+    assert_eq!(common::ids(&joined["history"]), ids[ids.len() - 4..]);
+    let contents: Vec<&str> = joined["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert_eq!(contents, ["burst2", "burst3", "burst4", "burst5"]);
+}
+
 /// `who` and `rooms` count members on every node.
 #[test]
 fn who_and_rooms_count_every_node() {
