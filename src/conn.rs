@@ -218,6 +218,27 @@ impl Phase {
     }
 }
 
+/// Mutable access to what a [`Phase`] holds, phase by phase, without the
+/// power to replace the phase (a `&mut Phase` would let a caller assign a
+/// new one and skip the [`Census`]).
+pub enum PhaseMut<'a> {
+    Head {
+        wire: &'a mut Wire,
+        buf: &'a mut Vec<u8>,
+    },
+    /// Nothing of a waiting upgrade changes until its claim is decided.
+    Claiming,
+    Open(&'a mut WebSocket<Wire>),
+    Closing(&'a mut WebSocket<Wire>),
+    Flushing(&'a mut Wire),
+    Linger {
+        wire: &'a mut Wire,
+        shut: &'a mut bool,
+    },
+    /// `Gone`, or `Taken` inside a transition: nothing left to change.
+    Gone,
+}
+
 /// How many connections are in each phase, kept as they change phase
 /// ([`Conn::enter`]), arrive ([`Conn::new`]) and are freed
 /// ([`Conn::freed`]): `/stats` reads it instead of walking the slab, which
@@ -311,10 +332,19 @@ impl Conn {
         &self.phase
     }
 
-    /// For changes within the phase (reading, a flag of `Linger`); a new
-    /// phase is entered with [`Conn::enter`].
-    pub fn phase_mut(&mut self) -> &mut Phase {
-        &mut self.phase
+    /// What the phase holds, to change in place (read into, write to,
+    /// set `Linger`'s flag); the phase itself can only be replaced by
+    /// [`Conn::enter`].
+    pub fn phase_mut(&mut self) -> PhaseMut<'_> {
+        match &mut self.phase {
+            Phase::Head { wire, buf } => PhaseMut::Head { wire, buf },
+            Phase::Claiming { .. } => PhaseMut::Claiming,
+            Phase::Open(ws) => PhaseMut::Open(ws),
+            Phase::Closing(ws) => PhaseMut::Closing(ws),
+            Phase::Flushing(wire) => PhaseMut::Flushing(wire),
+            Phase::Linger { wire, shut } => PhaseMut::Linger { wire, shut },
+            Phase::Gone | Phase::Taken => PhaseMut::Gone,
+        }
     }
 
     /// Take the phase out to build the next one from its parts, leaving

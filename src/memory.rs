@@ -10,7 +10,7 @@
 //! per-connection state. So the total is kept up to date exactly where
 //! bytes are allocated and freed, with no walk over connections, and a
 //! frame shared by a thousand outboxes counts once, because it is one
-//! allocation (the outboxes add only their 32-byte references). The binary
+//! allocation (the outboxes add only their 16-byte references). The binary
 //! installs it (`src/main.rs`); a library user who wants the limit installs
 //! it the same way, and [`Server::bind`](crate::Server::bind) refuses a
 //! limit without it.

@@ -27,11 +27,15 @@ use crate::protocol::Frame;
 /// slice array (4 KiB) stays on the stack.
 const MAX_IOVECS: usize = 256;
 
-/// Queue capacity (in frames, 32 bytes each) always kept; more is given
-/// back once it is no longer used (see [`Outbox::write_to`]). 64 covers a
-/// busy room's per-pass burst without reallocating, and costs an idle
-/// connection at most 2 KiB.
+/// Queue capacity (in frames, 16 bytes each) kept when the rest is given
+/// back (see [`Outbox::write_to`]). 64 covers a busy room's per-pass burst
+/// without reallocating, and costs an idle connection at most 1 KiB.
 const SHRINK_ABOVE: usize = 64;
+
+/// Most queue capacity (in frames: 16 KiB) an empty queue keeps after a
+/// flush. A saturated room's member uses a few hundred a pass; a burst
+/// beyond this (a mass event's notices) is given back at once.
+const KEEP_AT_MOST: usize = 1024;
 
 thread_local! {
     /// Unsent bytes in every outbox of this thread: one server runs on one
@@ -148,22 +152,25 @@ impl Outbox {
         // Capacity a burst grew is kept while the flushes use it: a member
         // of a saturated room gets a hundred frames or more every pass, and
         // giving the memory back after each flush made every pass grow the
-        // queue again (about 8% of the CPU per delivery, in reallocations
+        // queue again (about 10% of the CPU per delivery, in reallocations
         // and page faults). A flush that used under a quarter of it shows
         // the burst is over; a connection that went quiet right after one
-        // gives it back at its heartbeat ([`Outbox::release_spare`]).
-        if self.frames.capacity() > SHRINK_ABOVE && frames_sent < self.frames.capacity() / 4 {
-            self.frames.shrink_to_fit();
+        // gives it back at its heartbeat ([`Outbox::release_spare`]); and
+        // never more than KEEP_AT_MOST is kept.
+        let capacity = self.frames.capacity();
+        if capacity > SHRINK_ABOVE && (frames_sent < capacity / 4 || capacity > KEEP_AT_MOST) {
+            self.frames.shrink_to(SHRINK_ABOVE);
         }
         Ok((total, Flushed::All))
     }
 
     /// Give back queue capacity above [`SHRINK_ABOVE`] if nothing is
-    /// queued (called at each heartbeat, so a burst's memory is held at
-    /// most one heartbeat interval by a connection that then goes quiet).
+    /// queued (at each heartbeat, so a burst's memory is held at most one
+    /// heartbeat interval by a connection that then goes quiet; and after
+    /// every flush under `--memory-limit`).
     pub fn release_spare(&mut self) {
         if self.frames.is_empty() && self.frames.capacity() > SHRINK_ABOVE {
-            self.frames.shrink_to_fit();
+            self.frames.shrink_to(SHRINK_ABOVE);
         }
     }
 
@@ -272,6 +279,12 @@ mod tests {
         o.write_to(&mut s).unwrap();
         assert!(o.capacity() >= 200);
         o.release_spare();
+        assert!(o.capacity() <= SHRINK_ABOVE, "{}", o.capacity());
+        // A burst beyond KEEP_AT_MOST is given back at once.
+        for _ in 0..KEEP_AT_MOST * 2 {
+            o.push(frame("abc"));
+        }
+        o.write_to(&mut s).unwrap();
         assert!(o.capacity() <= SHRINK_ABOVE, "{}", o.capacity());
         // Never while frames wait.
         for _ in 0..200 {

@@ -81,7 +81,7 @@ use tungstenite::Message;
 
 use crate::cluster::engine::{EngineConfig, RedisEngine};
 use crate::config::Config;
-use crate::conn::{self, Census, Conn, Endpoint, HandshakeFailed, Inbound, Phase};
+use crate::conn::{self, Census, Conn, Endpoint, HandshakeFailed, Inbound, Phase, PhaseMut};
 use crate::dispatch::{Clock, Dispatcher, Effects, Refusal, SessionRequest, Settings};
 use crate::http::{self, Head, HeadError};
 use crate::memory::{self, Account, Heaviest};
@@ -814,16 +814,13 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Claiming { .. } = conn.phase() else {
-            return;
-        };
-        let Phase::Claiming {
-            wire,
-            buf,
-            head_len,
-        } = conn.take_phase()
-        else {
-            return;
+        let (wire, buf, head_len) = match conn.take_phase() {
+            Phase::Claiming {
+                wire,
+                buf,
+                head_len,
+            } => (wire, buf, head_len),
+            other => return conn.enter(other, &mut self.census),
         };
         conn.enter(Phase::Head { wire, buf }, &mut self.census);
         match result {
@@ -1051,7 +1048,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Head { wire, buf } = conn.phase_mut() else {
+        let PhaseMut::Head { wire, buf } = conn.phase_mut() else {
             return;
         };
         let mut chunk = [0u8; 2048];
@@ -1190,14 +1187,15 @@ impl Server {
             // The suspended handshake: the name is being claimed across
             // the cluster; `admitted` resumes it.
             if let Some(conn) = self.conns.get_mut(key) {
-                if let Phase::Head { wire, buf } = conn.take_phase() {
-                    let claiming = Phase::Claiming {
+                let next = match conn.take_phase() {
+                    Phase::Head { wire, buf } => Phase::Claiming {
                         wire,
                         buf,
                         head_len: head.len,
-                    };
-                    conn.enter(claiming, &mut self.census);
-                }
+                    },
+                    other => other,
+                };
+                conn.enter(next, &mut self.census);
             }
             return;
         }
@@ -1328,8 +1326,9 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Head { wire, mut buf } = conn.take_phase() else {
-            return;
+        let (wire, mut buf) = match conn.take_phase() {
+            Phase::Head { wire, buf } => (wire, buf),
+            other => return conn.enter(other, &mut self.census),
         };
         conn.endpoint = endpoint;
         let early = buf.split_off(head_len);
@@ -1382,8 +1381,8 @@ impl Server {
         };
         let endpoint = conn.endpoint;
         let (ws, closing) = match conn.phase_mut() {
-            Phase::Open(ws) => (ws, false),
-            Phase::Closing(ws) => (ws, true),
+            PhaseMut::Open(ws) => (ws, false),
+            PhaseMut::Closing(ws) => (ws, true),
             _ => return,
         };
         let limit = self.config.max_outbox_bytes;
@@ -1492,7 +1491,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Phase::Linger { wire, .. } = conn.phase_mut() else {
+        let PhaseMut::Linger { wire, .. } = conn.phase_mut() else {
             return;
         };
         let mut sink = [0u8; 1024];
@@ -1637,6 +1636,10 @@ impl Server {
             let result = wire.outbox.write_to(&mut sock);
             self.counters.writes += sock.calls;
             if self.memory.is_some() {
+                // Under a memory limit no queue keeps spare capacity: the
+                // shedding ranks connections by queued bytes, and would
+                // not see memory held by empty queues.
+                wire.outbox.release_spare();
                 let queued = wire.outbox.queued();
                 // Only sessions are shed; one saying goodbye holds little.
                 match conn.is_open() {
@@ -1649,7 +1652,7 @@ impl Server {
                 Ok((n, Flushed::All)) => {
                     self.counters.bytes_out += n as u64;
                     match conn.phase_mut() {
-                        Phase::Linger { wire, shut } if !*shut => {
+                        PhaseMut::Linger { wire, shut } if !*shut => {
                             // Last bytes sent: half-close and let the peer
                             // read them; drain_lingering reaps at EOF.
                             let _ = wire.sock.shutdown(std::net::Shutdown::Write);
@@ -1658,7 +1661,7 @@ impl Server {
                             // and that edge has passed: look now.
                             self.drain_lingering(key);
                         }
-                        Phase::Flushing(_) => self.leave(key, Exit::Drop),
+                        PhaseMut::Flushing(_) => self.leave(key, Exit::Drop),
                         _ => {}
                     }
                 }
