@@ -41,7 +41,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{legacy, Fsync, History, HistoryError, Kept};
-use checkpointer::{Checkpointer, Shared};
+use checkpointer::{Checkpointer, Shared, CHECKPOINT_FRAMES, TAIL_FRAMES};
 
 /// The database file in the data dir; SQLite adds `-wal` and `-shm` beside it.
 pub const DB_FILE: &str = "loopchat.db";
@@ -85,8 +85,13 @@ pub const WAL_HARD_FRAMES: u64 = 16_000;
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// SQLite's page cache for the loop's connection: the hot top of every
-/// B-tree and the newest pages of busy rooms.
-const CACHE_KIB: i64 = 16 * 1024;
+/// B-tree and the newest pages of busy rooms; other pages are read from
+/// the kernel's cache. Not larger: once retention deletes rows, every
+/// commit walks the whole hash table of this cache (SQLite's
+/// `pcache1TruncateUnsafe`, from the end of each transaction), which with
+/// 16 MiB cost 4–5 % of the server's CPU under a steady load, with 2 MiB
+/// about 1 % (see `docs/performance.md`).
+const CACHE_KIB: i64 = 2 * 1024;
 
 /// Rows per multi-row `INSERT`, largest first: the iteration's messages
 /// go to SQLite at commit (or before a read) in as few statements as these
@@ -323,6 +328,10 @@ pub struct SqliteHistory {
     commit_last_us: u64,
     commit_max_us: u64,
     loop_checkpoints: u64,
+    /// The loop's checkpoints of the short rest a helper's checkpoint left.
+    tail_checkpoints: u64,
+    /// The log (counted by its restarts) for which the helper was woken.
+    woke_at: Option<u64>,
     /// Log length at the loop's last checkpoint.
     loop_checkpoint_at: u64,
     corrupt_rows: u64,
@@ -664,6 +673,8 @@ impl SqliteHistory {
             commit_last_us: 0,
             commit_max_us: 0,
             loop_checkpoints: 0,
+            tail_checkpoints: 0,
+            woke_at: None,
             loop_checkpoint_at: 0,
             corrupt_rows: 0,
             retention_deleted: 0,
@@ -1046,6 +1057,46 @@ impl SqliteHistory {
         Ok(())
     }
 
+    /// Copies the rest of the log the helper's last checkpoint left, if it
+    /// is short ([`TAIL_FRAMES`] pages): with nothing left to copy, the next
+    /// commit starts the log over and writes to pages of the file the
+    /// kernel already holds, instead of growing it by a page per page
+    /// written (see `checkpointer`). Between two transactions, so nothing
+    /// is committed meanwhile and the checkpoint reaches the log's end.
+    fn finish_checkpoint(&mut self) {
+        let s = &self.shared;
+        let frames = s.frames.load(Ordering::SeqCst);
+        let done = s.backfilled.load(Ordering::SeqCst);
+        if done == 0 {
+            // Once per log: the commit that took it past the threshold.
+            if frames >= CHECKPOINT_FRAMES
+                && self.woke_at != Some(s.restarts.load(Ordering::SeqCst))
+            {
+                self.woke_at = Some(s.restarts.load(Ordering::SeqCst));
+                if let Some(helper) = &self.checkpointer {
+                    helper.wake();
+                }
+            }
+            return;
+        }
+        // The log started over since (its pages counted anew), or grew
+        // too far since the helper's checkpoint: leave it to the helper.
+        s.backfilled.store(0, Ordering::SeqCst);
+        if s.backfilled_restarts.load(Ordering::SeqCst) != s.restarts.load(Ordering::SeqCst)
+            || frames < done
+            || frames - done > TAIL_FRAMES
+        {
+            return;
+        }
+        self.tail_checkpoints += 1;
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
+        {
+            log::warn!("checkpoint on the loop failed: {e}");
+        }
+    }
+
     /// The loop's own checkpoint of a log the helper could not keep short.
     fn checkpoint_if_huge(&mut self) {
         let frames = self.shared.frames.load(Ordering::SeqCst);
@@ -1322,6 +1373,7 @@ impl History for SqliteHistory {
                 }
                 self.lost = None;
                 self.failing = false;
+                self.finish_checkpoint();
                 self.checkpoint_if_huge();
                 Ok(())
             }
@@ -1363,6 +1415,7 @@ impl History for SqliteHistory {
                 s.checkpoint_max_us.load(Ordering::Relaxed),
             ),
             ("store_loop_checkpoints", self.loop_checkpoints),
+            ("store_tail_checkpoints", self.tail_checkpoints),
             ("store_wal_bytes", wal_bytes),
             ("store_wal_restarts", s.restarts.load(Ordering::Relaxed)),
             ("store_corrupt_rows", self.corrupt_rows),
@@ -1479,6 +1532,43 @@ mod tests {
             assert!(
                 plan.iter().any(|step| step.starts_with("SEARCH")),
                 "{plan:?}"
+            );
+        }
+    }
+
+    /// Commits without a pause between them (the load under which a
+    /// passive checkpoint never reaches the log's end) still let the log
+    /// start over, each time it passes the helper's threshold, so the file
+    /// stays as short as that threshold plus the last rest copied by the
+    /// loop. In every mode: with `always` and `everysec` the loop's rest
+    /// includes syncs.
+    #[test]
+    fn a_log_under_commits_without_pause_starts_over() {
+        for fsync in [Fsync::Never, Fsync::Everysec, Fsync::Always] {
+            let tmp = TempDir::new("restart");
+            let mut h = SqliteHistory::open(&Options {
+                fsync,
+                ..opts(&tmp.0, 1_000_000)
+            })
+            .expect("open");
+            let deadline = Instant::now() + std::time::Duration::from_secs(60);
+            let mut longest = 0;
+            while counter(&h, "store_wal_restarts") < 3 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{fsync}: {} restarts, {} pages in the log",
+                    counter(&h, "store_wal_restarts"),
+                    h.shared.frames.load(Ordering::SeqCst)
+                );
+                send(&mut h, "busy", 20);
+                h.commit().expect("commit");
+                longest = longest.max(h.shared.frames.load(Ordering::SeqCst));
+            }
+            // The helper is woken at the threshold, and each of its passes
+            // copies what was committed during the one before.
+            assert!(
+                longest < 4 * checkpointer::CHECKPOINT_FRAMES,
+                "{fsync}: the log grew to {longest} pages"
             );
         }
     }
