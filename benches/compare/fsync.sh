@@ -14,7 +14,10 @@
 # on it, as the `base` column, so a change is measured against both.
 #
 # Bounded: 3 rounds (ROUNDS sets another number) of at most 10 runs of
-# 60,000 messages, each capped at 120 s. Loopback only.
+# 10 × 6,000 messages (MESSAGES sets another number per sender, at most
+# 100,000), each capped at 120 s. Loopback only. `cpu_seconds` has the
+# kernel's 10 ms resolution: 60,000 messages are about 0.4 s of server CPU,
+# so a run of 200,000 (MESSAGES=20000) measures to about 1 %.
 set -u
 cd "$(dirname "$0")/../.."
 cargo build --release --bins >/dev/null
@@ -24,6 +27,8 @@ base=${BASE:-}
 pid=
 trap '[ -n "$pid" ] && kill $pid 2>/dev/null' EXIT
 port=18500
+messages=${MESSAGES:-6000}
+[ "$messages" -ge 1 ] && [ "$messages" -le 100000 ] || { echo "MESSAGES must be 1..100000" >&2; exit 2; }
 for run in $(seq ${ROUNDS:-3}); do
   for mode in no-persist never everysec always; do
     for store in new base old; do
@@ -44,7 +49,7 @@ for run in $(seq ${ROUNDS:-3}); do
       taskset -c 0 $bin $flags --listen 127.0.0.1:$port --log-level warn --rate-per-s 100000 --rate-burst 100000 2>/dev/null &
       pid=$!
       for i in $(seq 50); do ss -ltn | grep -q ":$port " && break; sleep 0.1; done
-      timeout 120 taskset -c 1 ./target/release/loopchat-load fanout --url ws://127.0.0.1:$port/ws --receivers 10 --senders 10 --messages 6000 --msg-rate 0 --window 16 --json --quiet > target/fsync-fan.json 2>/dev/null
+      timeout 120 taskset -c 1 ./target/release/loopchat-load fanout --url ws://127.0.0.1:$port/ws --receivers 10 --senders 10 --messages $messages --msg-rate 0 --window 16 --json --quiet > target/fsync-fan.json 2>/dev/null
       curl -s --max-time 5 127.0.0.1:$port/stats > target/fsync-stats.json
       python3 benches/compare/fsync_summary.py "$run" "$mode" "$store"
       kill $pid; wait $pid 2>/dev/null; pid=

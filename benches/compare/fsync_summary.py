@@ -10,4 +10,4 @@ st = s.get("store", {})
 print(run, mode.ljust(10), store.ljust(3),
       "msgs=%d msg_per_s=%.0f cpu_us_per_msg=%.1f syncs=%s sync_max_us=%s commit_max_us=%s missing=%s" % (
           msgs, d["deliveries_per_s"] / 10, cpu * 1e6 / msgs, st.get("store_syncs"),
-          st.get("store_sync_max_us"), st.get("store_commit_max_us"), d.get("missing")))
+          st.get("store_sync_max_us"), st.get("store_commit_max_us"), d.get("missing")), "restarts=%s tail=%s" % (st.get("store_wal_restarts"), st.get("store_tail_checkpoints")))

@@ -6,9 +6,10 @@
 //! without touching the loop or the room tables. The trait is synchronous and
 //! called on the loop thread: it is the local engine, whose answers arrive in
 //! the same iteration. An implementation may write to the page cache and run
-//! indexed queries, but must never wait on the periodic sync; the only syncs
-//! on the loop are the group commit in [`History::commit`] with `--fsync
-//! always` (see `docs/persistence.md` for the rest).
+//! indexed queries, but must never wait on the periodic sync; the syncs on
+//! the loop are the group commit in [`History::commit`] with `--fsync
+//! always` and the few, bounded ones around the write-ahead log starting
+//! over (see `docs/persistence.md`).
 //!
 //! This module owns the message record ([`Kept`]), the durability setting
 //! ([`Fsync`]) and the contract; it does not own rooms, members or sockets.

@@ -13,9 +13,13 @@
 //! a few multi-row statements, B-tree writes into the page cache; a read is
 //! one indexed range query (O(log n + page)); retention deletes at most a
 //! fixed batch per commit.
-//! The loop waits for the disk only in [`History::commit`] with `--fsync
-//! always` (by design), and when a log that grew past [`WAL_HARD_FRAMES`]
-//! under a load that never let the helper catch up is checkpointed here.
+//! The loop waits for the disk in [`History::commit`] with `--fsync
+//! always` (by design); otherwise (unless `never`) only around the log
+//! starting over: the header sync of the commit that starts it, and the
+//! checkpoint of the short rest (at most `TAIL_FRAMES` pages) the helper's
+//! checkpoint left (`finish_checkpoint`), and when a log that grew past
+//! [`WAL_HARD_FRAMES`] under a load that never let the helper catch up is
+//! checkpointed here.
 //!
 //! It does not own rooms' members, sockets, or the decision what to tell a
 //! client when the store fails (the dispatcher answers `history_unavailable`).
@@ -41,7 +45,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{legacy, Fsync, History, HistoryError, Kept};
-use checkpointer::{Checkpointer, Shared};
+use checkpointer::{Checkpointer, Shared, CHECKPOINT_FRAMES, TAIL_FRAMES};
 
 /// The database file in the data dir; SQLite adds `-wal` and `-shm` beside it.
 pub const DB_FILE: &str = "loopchat.db";
@@ -85,8 +89,13 @@ pub const WAL_HARD_FRAMES: u64 = 16_000;
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// SQLite's page cache for the loop's connection: the hot top of every
-/// B-tree and the newest pages of busy rooms.
-const CACHE_KIB: i64 = 16 * 1024;
+/// B-tree and the newest pages of busy rooms; other pages are read from
+/// the kernel's cache. Not larger: once retention deletes rows, every
+/// commit walks the whole hash table of this cache (SQLite's
+/// `pcache1TruncateUnsafe`, from the end of each transaction), which with
+/// 16 MiB cost 4–5 % of the server's CPU under a steady load, with 2 MiB
+/// about 1 % (see `docs/performance.md`).
+const CACHE_KIB: i64 = 2 * 1024;
 
 /// Rows per multi-row `INSERT`, largest first: the iteration's messages
 /// go to SQLite at commit (or before a read) in as few statements as these
@@ -323,6 +332,10 @@ pub struct SqliteHistory {
     commit_last_us: u64,
     commit_max_us: u64,
     loop_checkpoints: u64,
+    /// The loop's checkpoints of the short rest a helper's checkpoint left.
+    tail_checkpoints: u64,
+    /// The log (counted by its restarts) for which the helper was woken.
+    woke_at: Option<u64>,
     /// Log length at the loop's last checkpoint.
     loop_checkpoint_at: u64,
     corrupt_rows: u64,
@@ -664,6 +677,8 @@ impl SqliteHistory {
             commit_last_us: 0,
             commit_max_us: 0,
             loop_checkpoints: 0,
+            tail_checkpoints: 0,
+            woke_at: None,
             loop_checkpoint_at: 0,
             corrupt_rows: 0,
             retention_deleted: 0,
@@ -1046,6 +1061,47 @@ impl SqliteHistory {
         Ok(())
     }
 
+    /// Copies the rest of the log the helper's last checkpoint left, if it
+    /// is short ([`TAIL_FRAMES`] pages): with nothing left to copy, the next
+    /// commit starts the log over and writes to pages of the file the
+    /// kernel already holds, instead of growing it by a page per page
+    /// written (see `checkpointer`). Between two transactions, so nothing
+    /// is committed meanwhile and the checkpoint reaches the log's end.
+    fn finish_checkpoint(&mut self) {
+        let s = &self.shared;
+        let frames = s.frames.load(Ordering::SeqCst);
+        let done = s.backfilled.load(Ordering::SeqCst);
+        if done == 0 {
+            // Once per log: the commit that took it past the threshold.
+            if frames >= CHECKPOINT_FRAMES
+                && self.woke_at != Some(s.restarts.load(Ordering::SeqCst))
+            {
+                self.woke_at = Some(s.restarts.load(Ordering::SeqCst));
+                if let Some(helper) = &self.checkpointer {
+                    helper.wake();
+                }
+            }
+            return;
+        }
+        // Taken either way. If the log started over since (its pages are
+        // counted anew) or grew too far since the helper's checkpoint, the
+        // helper's next one is cheaper than a long pause here.
+        s.backfilled.store(0, Ordering::SeqCst);
+        if s.backfilled_restarts.load(Ordering::SeqCst) != s.restarts.load(Ordering::SeqCst)
+            || frames < done
+            || frames - done > TAIL_FRAMES
+        {
+            return;
+        }
+        self.tail_checkpoints += 1;
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
+        {
+            log::warn!("checkpoint on the loop failed: {e}");
+        }
+    }
+
     /// The loop's own checkpoint of a log the helper could not keep short.
     fn checkpoint_if_huge(&mut self) {
         let frames = self.shared.frames.load(Ordering::SeqCst);
@@ -1322,6 +1378,7 @@ impl History for SqliteHistory {
                 }
                 self.lost = None;
                 self.failing = false;
+                self.finish_checkpoint();
                 self.checkpoint_if_huge();
                 Ok(())
             }
@@ -1363,6 +1420,7 @@ impl History for SqliteHistory {
                 s.checkpoint_max_us.load(Ordering::Relaxed),
             ),
             ("store_loop_checkpoints", self.loop_checkpoints),
+            ("store_tail_checkpoints", self.tail_checkpoints),
             ("store_wal_bytes", wal_bytes),
             ("store_wal_restarts", s.restarts.load(Ordering::Relaxed)),
             ("store_corrupt_rows", self.corrupt_rows),
@@ -1480,6 +1538,94 @@ mod tests {
                 plan.iter().any(|step| step.starts_with("SEARCH")),
                 "{plan:?}"
             );
+        }
+    }
+
+    /// The loop copies the short rest a helper's checkpoint left, so that
+    /// the next commit starts the log over (under a load without pauses a
+    /// passive checkpoint never reaches the log's end by itself); a rest
+    /// longer than `TAIL_FRAMES` it leaves to the helper.
+    #[test]
+    fn the_loop_finishes_a_checkpoint_with_a_short_rest() {
+        let tmp = TempDir::new("tail");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 1_000_000)).expect("open");
+        // Below the helper's threshold: it stays out of the way.
+        for _ in 0..5 {
+            send(&mut h, "busy", 20);
+            h.commit().expect("commit");
+        }
+        let frames = h.shared.frames.load(Ordering::SeqCst);
+        assert!(frames > 2 && frames < CHECKPOINT_FRAMES, "{frames}");
+        let restarts = counter(&h, "store_wal_restarts");
+        let as_if_the_helper_copied = |h: &SqliteHistory, done: u64| {
+            let s = &h.shared;
+            s.backfilled_restarts
+                .store(s.restarts.load(Ordering::SeqCst), Ordering::SeqCst);
+            s.backfilled.store(done, Ordering::SeqCst);
+        };
+
+        // Copied by a helper's checkpoint of a log since started over:
+        // nothing for the loop.
+        send(&mut h, "busy", 20);
+        as_if_the_helper_copied(&h, 1);
+        h.shared.backfilled_restarts.fetch_add(1, Ordering::SeqCst);
+        h.commit().expect("commit");
+        // Too far behind: left to the helper's next round.
+        while h.shared.frames.load(Ordering::SeqCst) <= TAIL_FRAMES + 1 {
+            send(&mut h, "busy", 20);
+            h.commit().expect("commit");
+        }
+        send(&mut h, "busy", 20);
+        as_if_the_helper_copied(&h, 1);
+        h.commit().expect("commit");
+        assert_eq!(counter(&h, "store_tail_checkpoints"), 0);
+        assert_eq!(counter(&h, "store_wal_restarts"), restarts);
+        let frames = h.shared.frames.load(Ordering::SeqCst);
+        assert!(frames < CHECKPOINT_FRAMES, "{frames}");
+
+        // A short rest: copied by the loop, then the log starts over.
+        send(&mut h, "busy", 20);
+        let now = h.shared.frames.load(Ordering::SeqCst);
+        as_if_the_helper_copied(&h, now.saturating_sub(2).max(1));
+        h.commit().expect("commit");
+        assert_eq!(counter(&h, "store_tail_checkpoints"), 1);
+        send(&mut h, "busy", 1);
+        h.commit().expect("commit");
+        assert_eq!(counter(&h, "store_wal_restarts"), restarts + 1);
+        assert!(h.shared.frames.load(Ordering::SeqCst) < frames);
+        let last = h.last("busy", 1).expect("last");
+        assert_eq!(ids(&last), vec![counter(&h, "store_appends")]);
+    }
+
+    /// A log past the helper's threshold is checkpointed by the helper, and
+    /// the next commit starts it over, in every mode.
+    #[test]
+    fn a_log_past_the_threshold_is_checkpointed_and_starts_over() {
+        for fsync in [Fsync::Never, Fsync::Everysec, Fsync::Always] {
+            let tmp = TempDir::new("restart");
+            let mut h = SqliteHistory::open(&Options {
+                fsync,
+                ..opts(&tmp.0, 1_000_000)
+            })
+            .expect("open");
+            while h.shared.frames.load(Ordering::SeqCst) < CHECKPOINT_FRAMES {
+                send(&mut h, "busy", 50);
+                h.commit().expect("commit");
+            }
+            // The helper's thread tells nobody when it is done: look.
+            let deadline = Instant::now() + std::time::Duration::from_secs(20);
+            while h.shared.backfilled.load(Ordering::SeqCst) == 0 {
+                assert!(Instant::now() < deadline, "{fsync}: no checkpoint");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // No commit came in between, so the helper copied all of it:
+            // the next commit starts the log over, and it stays short.
+            for _ in 0..2 {
+                send(&mut h, "busy", 1);
+                h.commit().expect("commit");
+            }
+            assert_eq!(counter(&h, "store_wal_restarts"), 1, "{fsync}");
+            assert!(h.shared.frames.load(Ordering::SeqCst) < 10, "{fsync}");
         }
     }
 

@@ -9,7 +9,15 @@
 //!   the database file (and, unless `never`, syncing both), through its own
 //!   SQLite connection, once the log holds [`CHECKPOINT_FRAMES`] pages.
 //!   The loop's connection has automatic checkpoints off (its WAL hook
-//!   replaces them), so it never runs one on its own.
+//!   replaces them). Under a load without pauses a passive checkpoint never
+//!   copies all of the log (the loop commits while it runs), and a log
+//!   that is never copied to its end never starts over: every commit then
+//!   writes to new pages of the file, and the kernel allocating those
+//!   pages was the largest single cost per message (see
+//!   `docs/performance.md`). So the thread repeats its checkpoint while
+//!   the part left behind shrinks, then leaves the last
+//!   [`TAIL_FRAMES`] or fewer to the loop ([`Shared::backfilled`]), whose
+//!   short checkpoint between two transactions lets the log start over.
 //!
 //! It shares only atomics with the loop ([`Shared`]), never takes a lock the
 //! loop waits for (a `PASSIVE` checkpoint neither blocks nor is blocked by
@@ -27,21 +35,32 @@ use rusqlite::Connection;
 
 use crate::store::Fsync;
 
-/// How often the thread looks at the log: the "everysec" of `--fsync
-/// everysec` (a sync every `SYNC_TICKS` ticks) and how soon a log past
-/// [`CHECKPOINT_FRAMES`] is checkpointed.
+/// How often the thread looks at the log when nothing wakes it: the
+/// granularity of the "everysec" of `--fsync everysec`.
 pub(crate) const TICK: Duration = Duration::from_millis(250);
 
-/// Ticks between two syncs of the log with `everysec`: 4 × 250 ms = 1 s.
-const SYNC_TICKS: u32 = 4;
+/// Time between two syncs of the log with `everysec`.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// Pages in the log before the thread checkpoints (about 16 MiB with 4 KiB
-/// pages; SQLite's own automatic checkpoints come at 1,000). Each
-/// checkpoint lets the log start over, and a log that starts over has its
-/// header synced by the next commit, on the loop: the longer the log, the
-/// rarer that sync (and the more there is to replay after a crash, which
-/// costs milliseconds per MiB).
-pub(crate) const CHECKPOINT_FRAMES: u64 = 4000;
+/// Pages in the log before the thread checkpoints (about 4 MiB with 4 KiB
+/// pages; SQLite's own automatic checkpoints come at 1,000). The loop wakes
+/// the thread when the log passes it. Each checkpoint lets the log start
+/// over, so that commits write to pages of the file the kernel already
+/// holds (a log that only grows costs a new page of the page cache per
+/// page written, which was the largest single cost per message); a log
+/// that starts over has its header synced by the next commit, on the loop
+/// (unless `never`): the shorter the log, the more often.
+pub(crate) const CHECKPOINT_FRAMES: u64 = 1000;
+
+/// The most pages a checkpoint may leave behind for the loop to copy
+/// itself (about 1 MiB): small enough that the loop's checkpoint is a
+/// short pause, large enough that the thread's passes get there.
+pub(crate) const TAIL_FRAMES: u64 = 256;
+
+/// Checkpoints the thread runs in a row, each copying what the loop
+/// committed during the one before, to bring what is left below
+/// [`TAIL_FRAMES`].
+const PASSES: u32 = 4;
 
 /// What the loop and the thread share. The loop writes `frames` and
 /// `commits`; the thread writes the rest.
@@ -61,6 +80,12 @@ pub(crate) struct Shared {
     pub checkpoints: AtomicU64,
     pub checkpoint_errors: AtomicU64,
     pub checkpoint_max_us: AtomicU64,
+    /// Where the thread's last checkpoint stopped (pages of the log copied;
+    /// 0 when there is nothing for the loop to finish), valid while
+    /// `restarts` still equals `backfilled_restarts`: the loop checkpoints
+    /// the rest itself if it is at most [`TAIL_FRAMES`] and sets this to 0.
+    pub backfilled: AtomicU64,
+    pub backfilled_restarts: AtomicU64,
     /// The last sync or checkpoint failed (cleared by the next that works):
     /// the store is unhealthy meanwhile.
     pub failing: AtomicBool,
@@ -73,7 +98,7 @@ fn micros(since: Instant) -> u64 {
 /// Handle to the thread; dropping it makes a last sync and checkpoint, then
 /// joins it.
 pub(crate) struct Checkpointer {
-    stop: Option<SyncSender<()>>,
+    wake: Option<SyncSender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -86,21 +111,29 @@ impl Checkpointer {
         fsync: Fsync,
         shared: Arc<Shared>,
     ) -> std::io::Result<Checkpointer> {
-        let (stop, rx) = mpsc::sync_channel(1);
+        let (wake, rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("loopchat-fsync".into())
             .spawn(move || run(&conn, &wal, fsync, &shared, &rx))?;
         Ok(Checkpointer {
-            stop: Some(stop),
+            wake: Some(wake),
             thread: Some(thread),
         })
+    }
+
+    /// Asks the thread to look at the log now rather than at its next
+    /// tick. Never blocks: a wake-up already queued is enough.
+    pub(crate) fn wake(&self) {
+        if let Some(wake) = &self.wake {
+            let _ = wake.try_send(());
+        }
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
         // Dropping the sender wakes the thread (disconnected).
-        self.stop = None;
+        self.wake = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -110,7 +143,7 @@ impl Drop for Checkpointer {
 fn run(conn: &Connection, wal: &PathBuf, fsync: Fsync, shared: &Shared, rx: &Receiver<()>) {
     let mut log: Option<File> = None;
     let mut synced_commits = shared.commits.load(Ordering::SeqCst);
-    let mut ticks = 0u32;
+    let mut last_sync = Instant::now();
     // A log already checkpointed stays this long until the loop's next
     // write starts it over: do not checkpoint it again meanwhile.
     let mut checkpointed_at = 0;
@@ -119,9 +152,8 @@ fn run(conn: &Connection, wal: &PathBuf, fsync: Fsync, shared: &Shared, rx: &Rec
             Ok(()) | Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => true,
         };
-        ticks += 1;
-        if fsync == Fsync::Everysec && (ticks >= SYNC_TICKS || stopping) {
-            ticks = 0;
+        if fsync == Fsync::Everysec && (last_sync.elapsed() >= SYNC_EVERY || stopping) {
+            last_sync = Instant::now();
             let commits = shared.commits.load(Ordering::SeqCst);
             if commits != synced_commits {
                 sync_log(&mut log, wal, shared);
@@ -133,7 +165,23 @@ fn run(conn: &Connection, wal: &PathBuf, fsync: Fsync, shared: &Shared, rx: &Rec
         }
         let frames = shared.frames.load(Ordering::SeqCst);
         if frames >= CHECKPOINT_FRAMES && frames != checkpointed_at {
-            checkpoint(conn, shared);
+            let restarts = shared.restarts.load(Ordering::SeqCst);
+            let mut copied = 0;
+            for _ in 0..PASSES {
+                // SQLite's answer counts the log as it was when the pass
+                // began: what the loop committed since is left too.
+                match checkpoint(conn, shared) {
+                    Some((_, done)) => copied = done,
+                    None => break,
+                }
+                if shared.frames.load(Ordering::SeqCst) <= copied + TAIL_FRAMES {
+                    break;
+                }
+            }
+            if copied > 0 {
+                shared.backfilled_restarts.store(restarts, Ordering::SeqCst);
+                shared.backfilled.store(copied, Ordering::SeqCst);
+            }
             checkpointed_at = frames;
         }
     }
@@ -172,23 +220,27 @@ fn sync_log(log: &mut Option<File>, wal: &PathBuf, shared: &Shared) {
 }
 
 /// A `PASSIVE` checkpoint: copies what it can without waiting for anyone.
-fn checkpoint(conn: &Connection, shared: &Shared) {
+/// Returns the pages in the log and how many of them are copied, when
+/// SQLite says (it answers -1 for both when another checkpoint runs).
+fn checkpoint(conn: &Connection, shared: &Shared) -> Option<(u64, u64)> {
     let start = Instant::now();
     let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-        row.get::<_, i64>(0)
+        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
     });
     shared
         .checkpoint_max_us
         .fetch_max(micros(start), Ordering::Relaxed);
     match result {
-        Ok(_) => {
+        Ok((log, done)) => {
             shared.checkpoints.fetch_add(1, Ordering::Relaxed);
             shared.failing.store(false, Ordering::SeqCst);
+            Some((u64::try_from(log).ok()?, u64::try_from(done).ok()?))
         }
         Err(e) => {
             log::warn!("checkpoint failed: {e}");
             shared.checkpoint_errors.fetch_add(1, Ordering::Relaxed);
             shared.failing.store(true, Ordering::SeqCst);
+            None
         }
     }
 }
