@@ -172,16 +172,7 @@ pub enum Phase {
 
 impl Phase {
     pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Head { .. } => "head",
-            Phase::Claiming { .. } => "claiming",
-            Phase::Open(_) => "open",
-            Phase::Closing(_) => "closing",
-            Phase::Flushing(_) => "flushing",
-            Phase::Linger { .. } => "linger",
-            Phase::Gone => "gone",
-            Phase::Taken => "taken",
-        }
+        self.slot().map_or("taken", |i| Phase::NAMES[i])
     }
 
     /// The wire, in every phase that still has a socket.
@@ -201,7 +192,7 @@ impl Phase {
         "head", "claiming", "open", "closing", "flushing", "linger", "gone",
     ];
 
-    /// Where the phase is counted in [`Census`]: its place in
+    /// Where the phase is counted in [`Census`], and its name: its place in
     /// [`Phase::NAMES`]. `Taken` has none, since it only exists inside one
     /// transition.
     fn slot(&self) -> Option<usize> {

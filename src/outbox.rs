@@ -175,7 +175,8 @@ impl Outbox {
     }
 
     /// Queue capacity, in frames (for tests of the release rule).
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
         self.frames.capacity()
     }
 

@@ -542,9 +542,15 @@ pub fn text_frame(payload: &str) -> Frame {
     frame_from_payload_buf(buf, 0x1)
 }
 
+thread_local! {
+    /// One ping for every heartbeat of the thread's server, shared like a
+    /// broadcast.
+    static PING: Frame = Frame::copy_from_slice(&[0x89, 0x00]);
+}
+
 /// A ping frame with an empty payload (heartbeats).
 pub fn ping_frame() -> Frame {
-    Frame::copy_from_slice(&[0x89, 0x00])
+    PING.with(Frame::clone)
 }
 
 /// `buf` holds `MAX_HEADER` unused bytes, then the payload. Writes the

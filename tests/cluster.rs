@@ -43,6 +43,24 @@ fn member(bin: &Bin, user: &str, room: &str) -> Client {
     c
 }
 
+/// Two nodes of one Redis, alice on the first and bob on the second, both
+/// in `room`, once alice has seen bob arrive.
+struct Pair {
+    a: Bin,
+    b: Bin,
+    alice: Client,
+    bob: Client,
+}
+
+fn pair(redis: &Redis, room: &str, deadline: Instant) -> Pair {
+    let a = node(redis, &[], deadline);
+    let b = node(redis, &[], deadline);
+    let mut alice = member(&a, "alice", room);
+    let bob = member(&b, "bob", room);
+    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    Pair { a, b, alice, bob }
+}
+
 /// Two nodes serve one room: a message sent on either reaches both, with
 /// one id sequence; `ref` only on the sender's copy.
 #[test]
@@ -369,11 +387,12 @@ fn stats_show_the_link_and_the_nodes() {
 fn redis_killed_and_restarted_with_aof() {
     let deadline = Instant::now() + TEST_TIME;
     let mut redis = Redis::start(true, deadline);
-    let mut a = node(&redis, &[], deadline);
-    let mut b = node(&redis, &[], deadline);
-    let mut alice = member(&a, "alice", "r");
-    let mut bob = member(&b, "bob", "r");
-    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    let Pair {
+        mut a,
+        mut b,
+        mut alice,
+        mut bob,
+    } = pair(&redis, "r", deadline);
     let before = alice.say("before")["id"].as_u64().expect("id");
     bob.wait_for("before", |v| v["content"] == "before");
     redis.kill();
@@ -415,11 +434,12 @@ fn redis_killed_and_restarted_with_aof() {
 fn flushall_ids_continue_above_what_was_served() {
     let deadline = Instant::now() + TEST_TIME;
     let redis = Redis::start(false, deadline);
-    let a = node(&redis, &[], deadline);
-    let b = node(&redis, &[], deadline);
-    let mut alice = member(&a, "alice", "f");
-    let mut bob = member(&b, "bob", "f");
-    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    let Pair {
+        a: _a,
+        b: _b,
+        mut alice,
+        mut bob,
+    } = pair(&redis, "f", deadline);
     let mut last = 0;
     for i in 0..3 {
         last = alice.say(&format!("m{i}"))["id"].as_u64().expect("id");
@@ -444,11 +464,12 @@ fn flushall_ids_continue_above_what_was_served() {
 fn ids_jump_over_what_redis_lost_and_history_keeps_its_ids() {
     let deadline = Instant::now() + TEST_TIME;
     let redis = Redis::start(false, deadline);
-    let a = node(&redis, &[], deadline);
-    let b = node(&redis, &[], deadline);
-    let mut alice = member(&a, "alice", "j");
-    let mut bob = member(&b, "bob", "j");
-    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    let Pair {
+        a,
+        b: _b,
+        mut alice,
+        mut bob,
+    } = pair(&redis, "j", deadline);
     let ids: Vec<u64> = (0..3)
         .map(|i| alice.say(&format!("m{i}"))["id"].as_u64().expect("id"))
         .collect();
@@ -531,11 +552,12 @@ fn a_node_started_before_redis_joins_when_it_appears() {
 fn pubsub_cut_in_a_loop_loses_and_duplicates_nothing() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let redis = Redis::start(false, deadline);
-    let a = node(&redis, &[], deadline);
-    let b = node(&redis, &[], deadline);
-    let mut alice = member(&a, "alice", "flow");
-    let mut bob = member(&b, "bob", "flow");
-    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    let Pair {
+        a: _a,
+        b: _b,
+        mut alice,
+        mut bob,
+    } = pair(&redis, "flow", deadline);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let port = redis.port;
     let killer = {
@@ -700,11 +722,12 @@ fn password_and_database_from_the_url() {
 fn a_subscriber_dropped_for_its_output_buffer_misses_nothing() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let redis = Redis::start(false, deadline);
-    let a = node(&redis, &[], deadline);
-    let b = node(&redis, &[], deadline);
-    let mut alice = member(&a, "alice", "big");
-    let mut bob = member(&b, "bob", "big");
-    alice.wait_for("bob's join", |v| v["type"] == "join" && v["user"] == "bob");
+    let Pair {
+        a: _a,
+        b,
+        mut alice,
+        mut bob,
+    } = pair(&redis, "big", deadline);
     // Redis's 16 KiB reply buffer is not counted; a publication larger
     // than that is, and 1000 bytes of it is over the limit.
     let limit = redis.cmd(&[
