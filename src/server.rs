@@ -325,6 +325,35 @@ enum End {
     Overflow,
 }
 
+/// Whether output waits one pass for company.
+///
+/// Under a saturated fan-out every member gets tens of frames each pass,
+/// and the kernel's cost per `write` (the system call, the segment, the
+/// reader's wake-up) is then the larger part of each delivery: twice the
+/// frames per `write` is nearly half that cost. So a pass that queued many
+/// frames per connection does not flush; the loop polls again for at most
+/// [`HOLD_MS`], reads what arrived meanwhile, and the next pass flushes
+/// everything together. A pass with a few frames per connection (any
+/// paced load, an answer to one client) flushes at once, as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Every pass flushes what it queued.
+    Flowing,
+    /// Pass number `pass` queued enough to wait: the next pass flushes.
+    Held { pass: u64 },
+}
+
+/// How long held output waits for more input at most (`poll` counts in
+/// milliseconds).
+const HOLD_MS: u64 = 1;
+
+/// A pass holds its output only if it queued at least this many frames in
+/// all ...
+const HOLD_AT_FRAMES: u64 = 1024;
+
+/// ... and at least this many per connection with output.
+const HOLD_AT_PER_CONNECTION: u64 = 16;
+
 /// The server: the poll, the slab of connections, the dispatcher.
 pub struct Server {
     poll: Poll,
@@ -364,6 +393,10 @@ pub struct Server {
     accept_again: bool,
     /// What the current pass may still spend.
     budget: Budget,
+    /// Whether this pass's output goes out now or waits one pass for more.
+    output: Output,
+    /// `counters.frames_queued` when the current pass began.
+    queued_at_pass_start: u64,
     shutdown_deadline: Option<u64>,
     /// `--memory-limit` and what counts against it.
     memory: Option<Account>,
@@ -491,6 +524,8 @@ impl Server {
             accept_retry_at: None,
             accept_again: false,
             budget: Budget::new(config.pass_budget_us),
+            output: Output::Flowing,
+            queued_at_pass_start: 0,
             shutdown_deadline: None,
             memory: config.memory_limit.map(|b| Account::new(b as usize)),
             heaviest: Heaviest::new(),
@@ -547,6 +582,7 @@ impl Server {
             }
             let iteration_start = Instant::now();
             self.budget.restart(iteration_start);
+            self.queued_at_pass_start = self.counters.frames_queued;
             let before = self.config.trace_loop.then(|| {
                 self.trace(&events, timeout);
                 self.trace_marks()
@@ -615,15 +651,18 @@ impl Server {
         }
     }
 
-    /// The poll timeout: zero when work is pending, else the time to the
-    /// nearest deadline, else forever (an idle server uses no CPU).
+    /// The poll timeout: zero when work is pending, at most [`HOLD_MS`]
+    /// while output is held, else the time to the nearest deadline, else
+    /// forever (an idle server uses no CPU).
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty()
-            || !self.turnover.is_empty()
-            || !self.dirty.is_empty()
-            || self.accept_again
-        {
+        if !self.again.is_empty() || !self.turnover.is_empty() || self.accept_again {
             return Some(Duration::ZERO);
+        }
+        if !self.dirty.is_empty() {
+            return Some(match self.output {
+                Output::Held { .. } => Duration::from_millis(HOLD_MS),
+                Output::Flowing => Duration::ZERO,
+            });
         }
         let deadlines = [
             self.timers.next_deadline(),
@@ -717,7 +756,7 @@ impl Server {
                 // Before the flush: a connection shed here has its goodbye
                 // queued, and it must go out in this pass like any output.
                 self.check_memory();
-                if self.dirty.is_empty() || !self.flush_dirty() {
+                if self.dirty.is_empty() || self.hold_output() || !self.flush_dirty() {
                     break;
                 }
             }
@@ -948,6 +987,9 @@ impl Server {
             return;
         }
         if writable {
+            if let Some(wire) = conn.wire() {
+                wire.outbox.socket_writable();
+            }
             self.mark_dirty(key);
         }
         if !readable {
@@ -1511,6 +1553,29 @@ impl Server {
 
     // ---- output ---------------------------------------------------------
 
+    /// Whether the flush waits for the next pass (see [`Output`]). A pass
+    /// that holds keeps holding through the rest of its `settle` rounds;
+    /// the pass after it always flushes.
+    fn hold_output(&mut self) -> bool {
+        let pass = self.counters.iterations;
+        match self.output {
+            Output::Held { pass: held } if held == pass => true,
+            Output::Held { .. } => {
+                self.output = Output::Flowing;
+                false
+            }
+            Output::Flowing => {
+                let queued = self.counters.frames_queued - self.queued_at_pass_start;
+                let busy = queued >= HOLD_AT_FRAMES
+                    && queued >= HOLD_AT_PER_CONNECTION * self.dirty.len() as u64;
+                if busy && self.shutdown_deadline.is_none() {
+                    self.output = Output::Held { pass };
+                }
+                busy
+            }
+        }
+    }
+
     fn mark_dirty(&mut self, key: usize) {
         if let Some(conn) = self.conns.get_mut(key) {
             if !conn.dirty {
@@ -1599,8 +1664,9 @@ impl Server {
     }
 
     /// Write every dirty connection's outbox until it is empty or the
-    /// socket is full (`Outbox::write_to` hands up to 256 frames to each
-    /// `writev`), oldest first, until the pass budget is spent. Returns
+    /// socket is full (`Outbox::write_to` gathers small frames into one
+    /// `write`, up to 64 KiB), oldest first, until the pass budget is
+    /// spent. Returns
     /// false when it stopped for the budget: the rest is flushed first by
     /// the next pass.
     fn flush_dirty(&mut self) -> bool {
@@ -2153,10 +2219,8 @@ fn refusal_answer(refusal: &Refusal) -> Vec<u8> {
     }
 }
 
-/// A node id unique per process: host-independent, from the pid and the
-/// start time.
-/// A socket that counts the `writev` calls made on it (`/stats` `writes`:
-/// how many frames share one system call).
+/// A socket that counts the `write`/`writev` calls made on it (`/stats`
+/// `writes`: how many frames share one system call).
 struct Counted<'a, W> {
     inner: &'a mut W,
     calls: u64,

@@ -113,9 +113,10 @@ pub struct LoopCounters {
     /// Frames queued in outboxes by `Server::deliver` (events of every
     /// kind; what tungstenite writes itself is not counted).
     pub frames_queued: u64,
-    /// Outbox flushes (each one or more `writev` calls on one socket).
+    /// Outbox flushes (each one or more `write`/`writev` calls on one
+    /// socket).
     pub flushes: u64,
-    /// `writev` calls made by flushes: `frames_queued / writes` is how
+    /// `write`/`writev` calls made by flushes: `frames_queued / writes` is how
     /// many frames share one system call.
     pub writes: u64,
     /// Slab slots freed by `reap`.
@@ -502,7 +503,7 @@ impl Snapshot {
         metric(
             "writes_total",
             "counter",
-            "writev calls made by outbox flushes.",
+            "write and writev calls made by outbox flushes.",
             &[("", l.writes)],
         );
         metric(
