@@ -542,6 +542,18 @@ pub fn text_frame(payload: &str) -> Frame {
     frame_from_payload_buf(buf, 0x1)
 }
 
+/// [`text_frame`] for a payload in pieces (a JSON text with something
+/// spliced in): the pieces are copied once, in order, into the frame.
+pub fn text_frame_of(parts: &[&str]) -> Frame {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut buf = Vec::with_capacity(MAX_HEADER + len);
+    buf.extend_from_slice(&[0; MAX_HEADER]);
+    for part in parts {
+        buf.extend_from_slice(part.as_bytes());
+    }
+    frame_from_payload_buf(buf, 0x1)
+}
+
 thread_local! {
     /// One ping for every heartbeat of the thread's server, shared like a
     /// broadcast.

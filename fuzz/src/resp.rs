@@ -1,6 +1,8 @@
 //! Fuzz target `resp`: the RESP2 codec of cluster mode
-//! (`cluster::resp::decode` and `encode`), on the bytes a Redis server (or
-//! anything listening where one should be) could send.
+//! (`cluster::resp::decode_ref`, the borrowing decoder every reply and
+//! publication goes through; `decode`, its owned copy; `encode` and
+//! `encode_with`), on the bytes a Redis server (or anything listening
+//! where one should be) could send.
 //!
 //! Input: the first byte picks how the rest is cut into reads (one byte at
 //! a time, or pieces of pseudo-random sizes); the rest is the reply stream.
@@ -8,6 +10,11 @@
 //! [`gen_reply`]) and as the arguments of one command.
 //!
 //! Invariants:
+//! - every decode call gives what [`model::decode`] gives (the owned
+//!   decoder as it was before the borrowing one, kept here as the
+//!   reference): the same reply, the same bytes used, the same error; and
+//!   the borrowing decoder allocates nothing when it succeeds, and every
+//!   string it returns lies inside the buffer it was given;
 //! - no panic; every decoded reply used at least one byte and no more than
 //!   the buffer held; decoded replies respect the bounds (`MAX_BULK`,
 //!   `MAX_ARRAY`, `MAX_DEPTH`, `MAX_LINE`) and every error names a bound
@@ -25,7 +32,9 @@
 //!   array of its arguments as bulks, and every strict prefix of it is
 //!   "incomplete".
 
-use loopchat::cluster::resp::{self, Reply, RespError, MAX_ARRAY, MAX_BULK, MAX_DEPTH, MAX_LINE};
+use loopchat::cluster::resp::{
+    self, Args, Reply, ReplyRef, RespError, MAX_ARRAY, MAX_BULK, MAX_DEPTH, MAX_LINE,
+};
 
 use crate::alloc_meter;
 use crate::input::Input;
@@ -87,9 +96,24 @@ fn normalise(e: RespError) -> RespError {
     }
 }
 
-/// One decode call, with its heap use and its answer checked.
+/// One decode call, with its heap use and its answer checked, and the
+/// borrowing decoder's answer checked against it and the model's.
 fn decode(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
+    let (borrowed, peak) = alloc_meter::peak_during(|| resp::decode_ref(buf));
+    if let Ok(found) = &borrowed {
+        assert_eq!(peak, 0, "the borrowing decoder allocated {peak} bytes");
+        if let Some((reply, _)) = found {
+            check_lent(reply, buf);
+        }
+    }
+    let lent = borrowed.map(|found| found.map(|(reply, used)| (reply.to_reply(), used)));
     let (result, peak) = alloc_meter::peak_during(|| resp::decode(buf));
+    assert_eq!(lent, result, "borrowed and owned decoding differ");
+    assert_eq!(
+        result,
+        model::decode(buf),
+        "the decoder and its model differ"
+    );
     let bound = HEAP_PER_BYTE * buf.len() + HEAP_SLACK;
     assert!(
         peak <= bound,
@@ -109,6 +133,28 @@ fn decode(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
         Err(e) => check_error(e),
     }
     result
+}
+
+/// Every string of `reply` is a slice of `buf`, and every array yields as
+/// many elements as it says.
+fn check_lent(reply: &ReplyRef, buf: &[u8]) {
+    let range = buf.as_ptr_range();
+    match reply {
+        ReplyRef::Simple(b) | ReplyRef::Error(b) | ReplyRef::Bulk(b) => {
+            let inside = range.start <= b.as_ptr() && b.as_ptr_range().end <= range.end;
+            assert!(inside, "a string not lent from the buffer");
+        }
+        ReplyRef::Int(_) | ReplyRef::Nil => {}
+        ReplyRef::Array(items) => {
+            let len = items.len();
+            let mut n = 0;
+            for item in *items {
+                check_lent(&item, buf);
+                n += 1;
+            }
+            assert_eq!(n, len, "an array yielded {n} of its {len} elements");
+        }
+    }
 }
 
 fn check_bounds(reply: &Reply, depth: usize) {
@@ -279,11 +325,32 @@ fn gen_reply(input: &mut Input, depth: usize, out: &mut Vec<u8>) -> Reply {
     }
 }
 
-/// The input as the arguments of one command (split at each 0x00).
+/// The input as the arguments of one command (split at each 0x00), the
+/// first two as its head (for `encode_with`; each later argument split
+/// again at 0x01 into the parts of one argument).
 fn check_command(data: &[u8]) {
     let args: Vec<&[u8]> = data.split(|&b| b == 0).collect();
     let mut out = Vec::new();
     resp::encode(&mut out, &args);
+    let head = &args[..args.len().min(2)];
+    let mut rest = Args::new();
+    for arg in &args[head.len()..] {
+        // The pieces between 0x01 bytes and the 0x01s themselves, given
+        // as the parts of one argument: that argument again.
+        let parts: Vec<&[u8]> = arg.split(|&b| b == 1).collect();
+        let mut with_marks: Vec<&[u8]> = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                with_marks.push(&[1]);
+            }
+            with_marks.push(part);
+        }
+        rest.push_parts(&with_marks);
+    }
+    assert_eq!(rest.len(), args.len() - head.len());
+    let mut with = Vec::new();
+    resp::encode_with(&mut with, head, &rest);
+    assert_eq!(with, out, "encode_with and encode differ");
     let want = Reply::Array(args.iter().map(|a| Reply::Bulk(a.to_vec())).collect());
     assert_eq!(
         decode(&out),
@@ -295,5 +362,122 @@ fn check_command(data: &[u8]) {
     let n = out.len();
     for cut in (0..n).filter(|&c| c < 64 || n - c <= 64 || c % 61 == 0) {
         assert_eq!(decode(&out[..cut]), Ok(None), "prefix of {cut} of {n}");
+    }
+}
+
+/// The owned decoder as it was before the borrowing one (loopchat commit
+/// 47e5ed8): a straightforward recursive parser that builds each reply as
+/// it goes. Kept unchanged as the reference the borrowing decoder is
+/// compared with; it is not used by loopchat.
+mod model {
+    use loopchat::cluster::resp::{Reply, RespError, MAX_ARRAY, MAX_BULK, MAX_DEPTH, MAX_LINE};
+
+    pub fn decode(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
+        let mut at = 0;
+        match parse(buf, &mut at, 0)? {
+            Some(reply) => Ok(Some((reply, at))),
+            None => Ok(None),
+        }
+    }
+
+    fn line<'a>(buf: &'a [u8], at: &mut usize) -> Result<Option<&'a [u8]>, RespError> {
+        let rest = &buf[*at..];
+        let Some(cr) = rest.iter().position(|&b| b == b'\r') else {
+            if rest.len() > MAX_LINE {
+                return Err(RespError::TooLong {
+                    what: "line",
+                    len: rest.len(),
+                });
+            }
+            return Ok(None);
+        };
+        if cr > MAX_LINE {
+            return Err(RespError::TooLong {
+                what: "line",
+                len: cr,
+            });
+        }
+        match rest.get(cr + 1) {
+            None => Ok(None),
+            Some(b'\n') => {
+                *at += cr + 2;
+                Ok(Some(&rest[..cr]))
+            }
+            Some(_) => Err(RespError::BadLine),
+        }
+    }
+
+    fn number(text: &[u8]) -> Result<i64, RespError> {
+        std::str::from_utf8(text)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| RespError::BadLength(String::from_utf8_lossy(text).into_owned()))
+    }
+
+    fn parse(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Reply>, RespError> {
+        let start = *at;
+        let Some(&kind) = buf.get(start) else {
+            return Ok(None);
+        };
+        *at += 1;
+        let Some(body) = line(buf, at)? else {
+            *at = start;
+            return Ok(None);
+        };
+        let text = || String::from_utf8_lossy(body).into_owned();
+        let reply = match kind {
+            b'+' => Reply::Simple(text()),
+            b'-' => Reply::Error(text()),
+            b':' => Reply::Int(number(body)?),
+            b'$' => {
+                let len = number(body)?;
+                if len == -1 {
+                    return Ok(Some(Reply::Nil));
+                }
+                let len = usize::try_from(len).map_err(|_| RespError::BadLength(text()))?;
+                if len > MAX_BULK {
+                    return Err(RespError::TooLong { what: "bulk", len });
+                }
+                if buf.len() < *at + len + 2 {
+                    *at = start;
+                    return Ok(None);
+                }
+                if &buf[*at + len..*at + len + 2] != b"\r\n" {
+                    return Err(RespError::BadLine);
+                }
+                let bulk = buf[*at..*at + len].to_vec();
+                *at += len + 2;
+                Reply::Bulk(bulk)
+            }
+            b'*' => {
+                let count = number(body)?;
+                if count == -1 {
+                    return Ok(Some(Reply::Nil));
+                }
+                let count = usize::try_from(count).map_err(|_| RespError::BadLength(text()))?;
+                if count > MAX_ARRAY {
+                    return Err(RespError::TooLong {
+                        what: "array",
+                        len: count,
+                    });
+                }
+                if depth >= MAX_DEPTH {
+                    return Err(RespError::TooDeep);
+                }
+                let mut items = Vec::new();
+                for _ in 0..count {
+                    match parse(buf, at, depth + 1)? {
+                        Some(item) => items.push(item),
+                        None => {
+                            *at = start;
+                            return Ok(None);
+                        }
+                    }
+                }
+                Reply::Array(items)
+            }
+            other => return Err(RespError::BadType(other)),
+        };
+        Ok(Some(reply))
     }
 }

@@ -22,6 +22,12 @@
 //! acceptance is one script: id, history append, trim and publication, so
 //! the id order, the stored order and the published order are the same.
 //!
+//! A publication is read where it lies: the subscription link lends each
+//! payload from its input buffer, and every message in it becomes its
+//! WebSocket frame with the id spliced in, one copy from the payload into
+//! the frame ([`protocol::text_frame_of`]). A publish call's arguments are
+//! encoded once, each message copied once into them ([`Args`]).
+//!
 //! Owns the two links and the id tracking; knows nothing about members or
 //! sockets of clients.
 
@@ -33,9 +39,10 @@ use serde_json::value::RawValue;
 
 use super::gap::{Entry, Fill, Sequences, FILL_BATCH};
 use super::link::{Link, LinkEvent, Role};
-use super::resp::Reply;
+use super::resp::{self, decimal, Args, Reply};
 use super::url::RedisUrl;
 use super::{Answer, Completion, Publication, Request, Ticket, Unavailable};
+use crate::protocol;
 use crate::store::Kept;
 
 /// Key prefix of everything loopchat writes.
@@ -357,7 +364,7 @@ enum Tag {
 struct Eval {
     script: Script,
     /// numkeys, keys, then arguments.
-    args: Vec<Vec<u8>>,
+    args: Args,
 }
 
 #[derive(Debug, Clone)]
@@ -410,6 +417,12 @@ pub struct RedisEngine {
     publishing: HashMap<Rc<str>, usize>,
     completions: Vec<Completion>,
     publications: Vec<Publication>,
+    /// Room messages read from the subscription, in order, not handed over
+    /// yet (the link fills this while it decodes; [`RedisEngine::absorb`]
+    /// empties it).
+    deliver: Vec<(Rc<str>, Entry)>,
+    /// Fills the subscription's messages asked for, not issued yet.
+    fills: Vec<Fill>,
     events: Vec<LinkEvent<Tag>>,
     sub_events: Vec<LinkEvent<()>>,
     next_refresh: u64,
@@ -439,6 +452,8 @@ impl RedisEngine {
             publishing: HashMap::new(),
             completions: Vec::new(),
             publications: Vec::new(),
+            deliver: Vec::new(),
+            fills: Vec::new(),
             events: Vec::new(),
             sub_events: Vec::new(),
             next_refresh: 0,
@@ -499,11 +514,13 @@ impl RedisEngine {
     /// Deadlines and periodic work: reconnects, reply deadlines, the
     /// liveness refresh, the subscription ping.
     pub fn tick(&mut self, now: u64, registry: &Registry, wanted: &dyn Fn(&str) -> bool) {
-        let url = self.cfg.url.clone();
         let mut events = std::mem::take(&mut self.events);
-        self.cmd.tick(now, registry, &url, &mut events);
+        self.cmd
+            .tick(now, registry, &self.cfg.url, &mut events, &mut |_| {});
         let mut sub_events = std::mem::take(&mut self.sub_events);
-        self.sub.tick(now, registry, &url, &mut sub_events);
+        self.with_sub(wanted, |sub, url, sink| {
+            sub.tick(now, registry, url, &mut sub_events, sink)
+        });
         if self.sub.is_ready() && now >= self.next_ping {
             self.sub.ping(now);
             self.next_ping = now + PING_EVERY_MS;
@@ -524,15 +541,38 @@ impl RedisEngine {
         registry: &Registry,
         wanted: &dyn Fn(&str) -> bool,
     ) {
-        let url = self.cfg.url.clone();
         let mut events = std::mem::take(&mut self.events);
         let mut sub_events = std::mem::take(&mut self.sub_events);
         if token == self.cmd.token {
-            self.cmd.on_ready(now, registry, &url, &mut events);
+            self.cmd
+                .on_ready(now, registry, &self.cfg.url, &mut events, &mut |_| {});
         } else if token == self.sub.token {
-            self.sub.on_ready(now, registry, &url, &mut sub_events);
+            self.with_sub(wanted, |sub, url, sink| {
+                sub.on_ready(now, registry, url, &mut sub_events, sink)
+            });
         }
         self.absorb(now, registry, events, sub_events, wanted);
+    }
+
+    /// Run `io` on the subscription link with the sink its messages go
+    /// to: a [`Receiver`] over the engine's id tracking and queues, so a
+    /// message is taken from the link's buffer while the link holds it.
+    fn with_sub(
+        &mut self,
+        wanted: &dyn Fn(&str) -> bool,
+        io: impl FnOnce(&mut Link<()>, &RedisUrl, &mut dyn FnMut(&[u8])),
+    ) {
+        let mut rx = Receiver {
+            node: &self.cfg.node,
+            seqs: &mut self.seqs,
+            publications: &mut self.publications,
+            deliver: &mut self.deliver,
+            fills: &mut self.fills,
+            wanted,
+        };
+        io(&mut self.sub, &self.cfg.url, &mut |payload| {
+            rx.message(payload)
+        });
     }
 
     /// Write what requests queued. Call once per pass after submitting.
@@ -570,6 +610,20 @@ impl RedisEngine {
             });
             return;
         }
+        let request = match request {
+            Request::Publish {
+                room,
+                prefix,
+                suffix,
+            } => {
+                // Sent at the next flush, with the other messages of the
+                // room from this pass (and before the clones below: this
+                // is the one request made per message).
+                self.batch.push((ticket, room, prefix, suffix));
+                return;
+            }
+            other => other,
+        };
         let p = PREFIX;
         let node = self.cfg.node.clone();
         let ch = self.channel.clone();
@@ -629,16 +683,7 @@ impl RedisEngine {
                         notice.into(),
                     ],
                 ),
-                Request::Publish {
-                    room,
-                    prefix,
-                    suffix,
-                } => {
-                    // Sent at the next flush, with the other messages of
-                    // the room from this pass.
-                    self.batch.push((ticket, room, prefix, suffix));
-                    return;
-                }
+                Request::Publish { .. } => return,
                 Request::Direct { to, json } => (
                     Op::Direct,
                     Some(Script::Direct),
@@ -698,10 +743,14 @@ impl RedisEngine {
         let Some(script) = script else {
             return;
         };
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + keys.len() + argv.len());
-        args.push(keys.len().to_string().into_bytes());
-        args.extend(keys.into_iter().map(String::into_bytes));
-        args.extend(argv);
+        let mut args = Args::new();
+        args.push(decimal(keys.len() as u64, &mut [0; 20]));
+        for key in &keys {
+            args.push(key);
+        }
+        for arg in &argv {
+            args.push(arg);
+        }
         let eval = Eval { script, args };
         self.eval(now, ticket, op, eval);
     }
@@ -728,23 +777,43 @@ impl RedisEngine {
             rooms[at].1.push((ticket, prefix, suffix));
         }
         self.batch = held;
-        let p = PREFIX;
-        let node = self.cfg.node.clone();
+        let p = PREFIX.as_bytes();
+        let mark = [ID_MARK as u8];
+        let mut digits = [0; 20];
         for (room, messages) in rooms {
             for chunk in messages.chunks(MAX_BATCH) {
                 let hwm = self.seqs.high(&room);
-                let mut args: Vec<Vec<u8>> = Vec::with_capacity(7 + chunk.len());
-                args.extend([
-                    b"2".to_vec(),
-                    format!("{p}seq:{room}").into_bytes(),
-                    format!("{p}history:{room}").into_bytes(),
-                    room.as_bytes().to_vec(),
-                    hwm.to_string().into_bytes(),
-                    self.cfg.retain.to_string().into_bytes(),
-                    self.channel.clone().into_bytes(),
-                ]);
+                // Each argument is written once, straight into the
+                // command's encoding: a message is copied once on its way
+                // to the link's output buffer (and once more into it).
+                let r = room.as_bytes();
+                // What the arguments take (each message with its node,
+                // ticket, separators and bulk header: 40 bytes cover the
+                // last four), so that a call of many messages is encoded
+                // without regrowing.
+                let node = self.cfg.node.len();
+                let size: usize = chunk
+                    .iter()
+                    .map(|(_, prefix, suffix)| prefix.len() + suffix.len() + node + 40)
+                    .sum();
+                let mut args = Args::with_capacity(size + 4 * r.len() + 256);
+                args.push("2");
+                args.push_parts(&[p, b"seq:", r]);
+                args.push_parts(&[p, b"history:", r]);
+                args.push(r);
+                args.push(decimal(hwm, &mut digits));
+                args.push(decimal(self.cfg.retain, &mut digits));
+                args.push(&self.channel);
                 for (ticket, prefix, suffix) in chunk {
-                    args.push(format!("{node} {ticket} {prefix}{ID_MARK}{suffix}").into_bytes());
+                    args.push_parts(&[
+                        self.cfg.node.as_bytes(),
+                        b" ",
+                        decimal(*ticket, &mut digits).as_bytes(),
+                        b" ",
+                        prefix.as_bytes(),
+                        &mark,
+                        suffix.as_bytes(),
+                    ]);
                 }
                 let tickets: Vec<Ticket> = chunk.iter().map(|(t, _, _)| *t).collect();
                 let op = Op::Publish {
@@ -805,20 +874,29 @@ impl RedisEngine {
 
     /// EVALSHA when the script is loaded, else EVAL.
     fn eval(&mut self, now: u64, ticket: Ticket, op: Op, eval: Eval) {
-        let mut head: Vec<Vec<u8>> = match &self.shas[eval.script as usize] {
-            Some(sha) => vec![b"EVALSHA".to_vec(), sha.clone().into_bytes()],
-            None => vec![b"EVAL".to_vec(), eval.script.body().as_bytes().to_vec()],
-        };
-        head.extend(eval.args.iter().cloned());
-        // The arguments are kept only where a NOSCRIPT resend may need them.
-        let keep = self.shas[eval.script as usize].is_some();
+        self.counters.commands += 1;
+        let script = eval.script;
+        let sha = self.shas[script as usize].as_deref();
+        // The encoded arguments go along in the tag, moved (not copied),
+        // for a NOSCRIPT resend; the command is written from them there.
         let tag = Tag::Req {
             ticket,
             op,
-            eval: keep.then_some(eval),
+            eval: Some(eval),
         };
-        self.counters.commands += 1;
-        if let Err(tag) = self.cmd.send(now, tag, &head) {
+        let sent = self.cmd.send_by(now, tag, |tag, out| {
+            let Tag::Req {
+                eval: Some(eval), ..
+            } = tag
+            else {
+                return;
+            };
+            match sha {
+                Some(sha) => resp::encode_with(out, &[b"EVALSHA", sha.as_bytes()], &eval.args),
+                None => resp::encode_with(out, &[b"EVAL", script.body().as_bytes()], &eval.args),
+            }
+        });
+        if let Err(tag) = sent {
             self.refuse(tag);
         }
     }
@@ -887,14 +965,19 @@ impl RedisEngine {
         wanted: &dyn Fn(&str) -> bool,
     ) {
         // Handling an event may produce more (a resend fails the link).
-        while !events.is_empty() || !sub_events.is_empty() {
-            let mut deliver = Vec::new();
-            let mut fills = Vec::new();
+        // The subscription's messages were taken in as the link read them
+        // (into `deliver` and `fills`, in order): their work is here too.
+        while !events.is_empty()
+            || !sub_events.is_empty()
+            || !self.deliver.is_empty()
+            || !self.fills.is_empty()
+        {
+            let mut deliver = std::mem::take(&mut self.deliver);
+            let mut fills = std::mem::take(&mut self.fills);
             let mut resume = false;
             for event in sub_events.drain(..) {
                 match event {
                     LinkEvent::Up => resume = true,
-                    LinkEvent::Push(reply) => self.on_push(reply, wanted, &mut deliver, &mut fills),
                     LinkEvent::Down(_) => self.counters.link_failures += 1,
                     LinkEvent::Reply(..) => {}
                 }
@@ -935,7 +1018,6 @@ impl RedisEngine {
                         }
                         self.publishing.clear();
                     }
-                    LinkEvent::Push(_) => {}
                 }
             }
             if resume && self.healthy() {
@@ -943,7 +1025,12 @@ impl RedisEngine {
                 let more = self.seqs.resume(wanted);
                 fills.extend(more);
             }
-            self.hand_over(deliver);
+            self.hand_over(&mut deliver);
+            // The queue keeps its capacity for the next read (nothing in
+            // this loop reads the subscription).
+            if self.deliver.is_empty() {
+                self.deliver = deliver;
+            }
             self.issue_fills(now, fills);
             // Messages held behind a call answered just now go out.
             self.send_batches(now);
@@ -969,127 +1056,65 @@ impl RedisEngine {
         }
     }
 
-    fn hand_over(&mut self, deliver: Vec<(Rc<str>, Entry)>) {
-        for (room, entry) in deliver {
+    fn hand_over(&mut self, deliver: &mut Vec<(Rc<str>, Entry)>) {
+        // The server takes the queue away whole at each round: one
+        // reservation rather than a doubling per burst.
+        self.publications.reserve(deliver.len());
+        for (room, entry) in deliver.drain(..) {
             self.counters.publications += 1;
             self.publications.push(Publication::Message {
                 room,
                 id: entry.id,
                 ticket: entry.ticket,
-                json: entry.json,
+                frame: entry.frame,
             });
         }
     }
 
-    /// A message on the subscription.
-    fn on_push(
-        &mut self,
-        reply: Reply,
-        wanted: &dyn Fn(&str) -> bool,
-        deliver: &mut Vec<(Rc<str>, Entry)>,
-        fills: &mut Vec<Fill>,
-    ) {
-        let Reply::Array(items) = reply else { return };
-        let Some(Reply::Bulk(payload)) = items.get(2) else {
-            return;
-        };
-        let Ok(payload) = std::str::from_utf8(payload) else {
-            return;
-        };
-        if let Some(batch) = payload.strip_prefix("B ") {
-            return self.on_batch(batch, wanted, deliver, fills);
-        }
-        let (kind, rest) = payload.split_once(' ').unwrap_or((payload, ""));
-        match kind {
-            "P" => {
-                if let Some((room, json)) = rest.split_once(' ') {
-                    self.publications.push(Publication::Presence {
-                        room: Rc::from(room),
-                        json: json.to_string(),
-                    });
-                }
-            }
-            "D" => {
-                if let Some((to, json)) = rest.split_once(' ') {
-                    self.publications.push(Publication::Direct {
-                        to: to.to_string(),
-                        json: json.to_string(),
-                    });
-                }
-            }
-            _ => log::debug!("redis: unknown publication {kind:?}"),
-        }
-    }
-
-    /// A batch of room messages: `{room} {first id}`, then one entry a
-    /// line, ids counting up from the first.
-    fn on_batch(
-        &mut self,
-        batch: &str,
-        wanted: &dyn Fn(&str) -> bool,
-        deliver: &mut Vec<(Rc<str>, Entry)>,
-        fills: &mut Vec<Fill>,
-    ) {
-        let mut lines = batch.split('\n');
-        let Some((room, first)) = lines.next().and_then(|h| h.split_once(' ')) else {
-            return;
-        };
-        let Ok(first) = first.parse::<u64>() else {
-            return;
-        };
-        let room: Rc<str> = Rc::from(room);
-        let want = wanted(&room);
-        for (id, line) in (first..).zip(lines) {
-            if let Some(entry) = self.entry(id, line) {
-                self.seqs.arrive(&room, entry, want, deliver, fills);
-            }
-        }
-    }
-
-    /// A message as published, `"{node} {ticket} {prefix}\x01{suffix}"`:
-    /// the id goes between prefix and suffix.
-    fn entry(&self, id: u64, text: &str) -> Option<Entry> {
-        let mut parts = text.splitn(3, ' ');
-        let (node, ticket, json) = (parts.next()?, parts.next()?, parts.next()?);
-        let ticket = match node == self.cfg.node {
-            true => ticket.parse().ok(),
-            false => None,
-        };
-        let (prefix, suffix) = json.split_once(ID_MARK)?;
-        Some(Entry {
-            id,
-            ticket,
-            json: Rc::from(format!("{prefix}{id}{suffix}")),
-        })
-    }
-
-    /// The read script's `{first id, {entries}}` into entries (ascending;
-    /// placeholders of skipped ids left out) and the number of stored
-    /// slots it covered.
-    fn entries(&self, reply: &Reply) -> (Vec<Entry>, usize) {
+    /// The read script's `{first id, {entries}}`: the first id and the
+    /// stored slots (placeholders of skipped ids included).
+    fn slots(reply: &Reply) -> Option<(u64, &[Reply])> {
         let Reply::Array(parts) = reply else {
-            return (Vec::new(), 0);
+            return None;
         };
         let (Some(first), Some(Reply::Array(items))) =
             (parts.first().and_then(Reply::int), parts.get(1))
         else {
+            return None;
+        };
+        Some((first.max(0) as u64, items))
+    }
+
+    /// The read script's reply as entries with their frames (ascending;
+    /// placeholders left out), for a fill, and the number of stored slots
+    /// it covered.
+    fn entries(&self, reply: &Reply) -> (Vec<Entry>, usize) {
+        let Some((first, items)) = Self::slots(reply) else {
             return (Vec::new(), 0);
         };
-        let first = first.max(0) as u64;
         let entries = (first..)
             .zip(items)
-            .filter_map(|(id, item)| self.entry(id, item.text()?))
+            .filter_map(|(id, item)| {
+                let line = Line::parse(item.text()?, &self.cfg.node)?;
+                Some(line.entry(id))
+            })
             .collect();
         (entries, items.len())
     }
 
-    fn kept(entries: Vec<Entry>) -> Vec<Kept> {
-        entries
-            .into_iter()
-            .filter_map(|e| {
-                let raw = RawValue::from_string(e.json.to_string()).ok()?;
+    /// The read script's reply as kept messages (a history page, a
+    /// joiner's backlog): JSON, not frames.
+    fn kept(&self, reply: &Reply) -> Vec<Kept> {
+        let Some((first, items)) = Self::slots(reply) else {
+            return Vec::new();
+        };
+        (first..)
+            .zip(items)
+            .filter_map(|(id, item)| {
+                let line = Line::parse(item.text()?, &self.cfg.node)?;
+                let raw = RawValue::from_string(line.json(id)).ok()?;
                 Some(Kept {
-                    id: e.id,
+                    id,
                     json: Rc::from(raw),
                 })
             })
@@ -1149,7 +1174,7 @@ impl RedisEngine {
             Tag::Req { ticket, op, eval } => {
                 if let Reply::Error(e) = &reply {
                     if e.starts_with("NOSCRIPT") {
-                        if let Some(mut eval) = eval {
+                        if let Some(eval) = eval {
                             // Redis lost its script cache (restart, SCRIPT
                             // FLUSH): send the body this once, load again.
                             self.counters.noscript += 1;
@@ -1157,7 +1182,6 @@ impl RedisEngine {
                             self.shas[script as usize] = None;
                             let args = [b"SCRIPT".as_slice(), b"LOAD", script.body().as_bytes()];
                             let _ = self.cmd.send(now, Tag::Load(script), &args);
-                            eval.args.shrink_to_fit();
                             return self.eval(now, ticket, op, eval);
                         }
                     }
@@ -1171,6 +1195,7 @@ impl RedisEngine {
                     Op::Publish { room, tickets } => {
                         self.published(&room);
                         let first = reply.int().and_then(|f| u64::try_from(f).ok());
+                        self.completions.reserve(tickets.len());
                         for (i, ticket) in tickets.into_iter().enumerate() {
                             let id = first.map_or(0, |f| f + i as u64);
                             self.seqs.note(&room, id);
@@ -1181,7 +1206,7 @@ impl RedisEngine {
                         }
                         return;
                     }
-                    Op::Page => Answer::Page(Self::kept(self.entries(&reply).0)),
+                    Op::Page => Answer::Page(self.kept(&reply)),
                     Op::Who => Answer::Users(Self::names(&reply)),
                     Op::Rooms => {
                         let Reply::Array(items) = &reply else {
@@ -1202,13 +1227,13 @@ impl RedisEngine {
                             return;
                         };
                         let last_id = parts.first().and_then(Reply::int).unwrap_or(0).max(0) as u64;
-                        let entries = parts.get(1).map(|r| self.entries(r).0).unwrap_or_default();
+                        let backlog = parts.get(1).map(|r| self.kept(r)).unwrap_or_default();
                         let users = parts.get(2).map(Self::names).unwrap_or_default();
-                        let last_id = entries.last().map_or(last_id, |e| e.id.max(last_id));
+                        let last_id = backlog.last().map_or(last_id, |e| e.id.max(last_id));
                         self.seqs.entered(&room, last_id);
                         Answer::Entered {
                             last_id,
-                            backlog: Self::kept(entries),
+                            backlog,
                             users,
                         }
                     }
@@ -1217,6 +1242,114 @@ impl RedisEngine {
                     ticket,
                     result: Ok(answer),
                 });
+            }
+        }
+    }
+}
+
+/// A message as stored and published, `"{node} {ticket} {prefix}\x01{suffix}"`,
+/// split where it lies: the id goes between prefix and suffix.
+struct Line<'a> {
+    /// Set when this node published it (the sender's copy carries its
+    /// `ref`).
+    ticket: Option<Ticket>,
+    prefix: &'a str,
+    suffix: &'a str,
+}
+
+impl<'a> Line<'a> {
+    /// `node`: this node's name.
+    fn parse(text: &'a str, node: &str) -> Option<Line<'a>> {
+        let mut parts = text.splitn(3, ' ');
+        let (from, ticket, json) = (parts.next()?, parts.next()?, parts.next()?);
+        let ticket = match from == node {
+            true => ticket.parse().ok(),
+            false => None,
+        };
+        let (prefix, suffix) = json.split_once(ID_MARK)?;
+        Some(Line {
+            ticket,
+            prefix,
+            suffix,
+        })
+    }
+
+    /// The message with id `id`, as its frame: the one copy of its bytes
+    /// between the subscription's buffer and the members' outboxes.
+    fn entry(&self, id: u64) -> Entry {
+        let mut digits = [0; 20];
+        Entry {
+            id,
+            ticket: self.ticket,
+            frame: protocol::text_frame_of(&[self.prefix, decimal(id, &mut digits), self.suffix]),
+        }
+    }
+
+    /// The message with id `id`, as JSON text (a history page).
+    fn json(&self, id: u64) -> String {
+        format!("{}{id}{}", self.prefix, self.suffix)
+    }
+}
+
+/// What taking in a subscription message needs of the engine, borrowed
+/// field by field while the subscription link lends the message (see
+/// [`RedisEngine::with_sub`]).
+struct Receiver<'e> {
+    node: &'e str,
+    seqs: &'e mut Sequences,
+    publications: &'e mut Vec<Publication>,
+    deliver: &'e mut Vec<(Rc<str>, Entry)>,
+    fills: &'e mut Vec<Fill>,
+    wanted: &'e dyn Fn(&str) -> bool,
+}
+
+impl Receiver<'_> {
+    /// One publication on the channel.
+    fn message(&mut self, payload: &[u8]) {
+        let Ok(payload) = std::str::from_utf8(payload) else {
+            return;
+        };
+        if let Some(batch) = payload.strip_prefix("B ") {
+            return self.batch(batch);
+        }
+        let (kind, rest) = payload.split_once(' ').unwrap_or((payload, ""));
+        match kind {
+            "P" => {
+                if let Some((room, json)) = rest.split_once(' ') {
+                    self.publications.push(Publication::Presence {
+                        room: Rc::from(room),
+                        json: json.to_string(),
+                    });
+                }
+            }
+            "D" => {
+                if let Some((to, json)) = rest.split_once(' ') {
+                    self.publications.push(Publication::Direct {
+                        to: to.to_string(),
+                        json: json.to_string(),
+                    });
+                }
+            }
+            _ => log::debug!("redis: unknown publication {kind:?}"),
+        }
+    }
+
+    /// A batch of room messages: `{room} {first id}`, then one entry a
+    /// line, ids counting up from the first.
+    fn batch(&mut self, batch: &str) {
+        let mut lines = batch.split('\n');
+        let Some((room, first)) = lines.next().and_then(|h| h.split_once(' ')) else {
+            return;
+        };
+        let Ok(first) = first.parse::<u64>() else {
+            return;
+        };
+        let room = self.seqs.name(room);
+        let want = (self.wanted)(&room);
+        for (id, line) in (first..).zip(lines) {
+            if let Some(line) = Line::parse(line, self.node) {
+                self.seqs
+                    .arrive(&room, line.entry(id), want, self.deliver, self.fills);
             }
         }
     }

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::Ticket;
+use crate::protocol::Frame;
 
 /// Most messages asked for in one fill; a longer gap is filled in several.
 pub const FILL_BATCH: usize = 1000;
@@ -24,12 +25,12 @@ pub const FILL_BATCH: usize = 1000;
 /// later ones are not held: they show up as a gap again after the fill.
 pub const MAX_HELD: usize = 10_000;
 
-/// One publication of a room message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One publication of a room message, as the frame its members get.
+#[derive(Debug, Clone)]
 pub struct Entry {
     pub id: u64,
     pub ticket: Option<Ticket>,
-    pub json: Rc<str>,
+    pub frame: Frame,
 }
 
 /// A fill to carry out: the stored messages of `room` with ids above
@@ -74,6 +75,16 @@ pub struct Sequences {
 impl Sequences {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// `room` as the tracker holds it (a count increment), or a new name
+    /// for a room it has not seen: a publication names its room, and this
+    /// spares an allocation per publication.
+    pub fn name(&self, room: &str) -> Rc<str> {
+        match self.rooms.get_key_value(room) {
+            Some((name, _)) => name.clone(),
+            None => Rc::from(room),
+        }
     }
 
     /// The id the next message of `room` must be above.
@@ -255,7 +266,7 @@ mod tests {
         Entry {
             id,
             ticket: None,
-            json: Rc::from(format!("m{id}")),
+            frame: crate::protocol::text_frame(&format!("m{id}")),
         }
     }
 

@@ -17,6 +17,13 @@
 //! and the replies awaited, matched in order (Redis answers a pipelined
 //! connection strictly in order).
 //!
+//! A subscription's messages (every publication of every node) are handed
+//! to the caller's sink as slices of the input buffer while it is decoded,
+//! before the buffer moves on: nothing is copied or allocated per message
+//! between the socket and the engine. Socket reads go straight into that
+//! buffer (no intermediate chunk), and its bytes move only when a partial
+//! reply must make room at the end.
+//!
 //! Owns one socket; what the replies mean is `engine.rs`'s.
 
 use std::collections::VecDeque;
@@ -26,7 +33,7 @@ use std::net::ToSocketAddrs;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::resp::{self, Reply, RespError};
+use super::resp::{self, Reply, ReplyRef, RespError};
 use super::url::RedisUrl;
 
 /// No reply for this long while one is awaited (counted from the later of
@@ -53,6 +60,12 @@ pub const MAX_OUT_BYTES: usize = 8 << 20;
 
 /// Most unparsed reply bytes: one largest bulk plus slack.
 pub const MAX_IN_BYTES: usize = resp::MAX_BULK + (64 << 10);
+
+/// Free room the input buffer has before each socket read (it grows to
+/// make it, up to [`MAX_IN_BYTES`] plus this). A saturated subscription
+/// brings tens of kilobytes per wake-up; a read this size takes most of
+/// them in one syscall.
+const READ_ROOM: usize = 32 << 10;
 
 /// Most replies awaited at once on one link.
 pub const MAX_PENDING: usize = 100_000;
@@ -170,8 +183,6 @@ pub enum LinkEvent<T> {
     Up,
     /// The reply to the command sent with `T`.
     Reply(T, Reply),
-    /// Something that answers no command (a pub/sub message).
-    Push(Reply),
     /// The link broke; these commands got no reply (they may or may not
     /// have been carried out).
     Down(Vec<T>),
@@ -201,7 +212,11 @@ pub struct Link<T> {
     sock: Option<TcpStream>,
     out: Vec<u8>,
     out_at: usize,
+    /// Bytes read: `inbuf[in_at..in_end]` is not decoded yet. Zeroed once
+    /// as it grows (never before a read), kept across reads and failures.
     inbuf: Vec<u8>,
+    in_at: usize,
+    in_end: usize,
     awaited: VecDeque<(Awaited<T>, u64)>,
     /// When a reply last came. The deadline runs from the later of this
     /// and the oldest command's sending: a Redis that is answering a long
@@ -223,6 +238,8 @@ impl<T> Link<T> {
             out: Vec::new(),
             out_at: 0,
             inbuf: Vec::new(),
+            in_at: 0,
+            in_end: 0,
             awaited: VecDeque::new(),
             answered_at: 0,
             heard: false,
@@ -251,13 +268,15 @@ impl<T> Link<T> {
     }
 
     /// Deadlines: start a due connect, fail a stuck one or a reply past
-    /// its deadline.
+    /// its deadline. `sink` gets the subscription's messages read meanwhile
+    /// (see [`Link::on_ready`]).
     pub fn tick(
         &mut self,
         now: u64,
         registry: &Registry,
         url: &RedisUrl,
         events: &mut Vec<LinkEvent<T>>,
+        sink: &mut dyn FnMut(&[u8]),
     ) {
         if self.machine.due(now) {
             if let Err(e) = self.connect(now, registry, url) {
@@ -278,7 +297,7 @@ impl<T> Link<T> {
             // The loop may have been busy past the deadline (a long pass of
             // fan-out) while the answer waited in the socket: read before
             // blaming Redis.
-            if let Err(why) = self.read(now, events) {
+            if let Err(why) = self.read(now, events, sink) {
                 return self.fail(now, registry, why, events);
             }
             late = overdue(self);
@@ -307,13 +326,17 @@ impl<T> Link<T> {
         Ok(())
     }
 
-    /// Readiness on this link's token.
+    /// Readiness on this link's token. Replies become `events`; on a
+    /// subscription link each message's payload (the third element of a
+    /// `message` push) goes to `sink` at once, borrowed from the input
+    /// buffer: the sink must take what it needs before it returns.
     pub fn on_ready(
         &mut self,
         now: u64,
         registry: &Registry,
         url: &RedisUrl,
         events: &mut Vec<LinkEvent<T>>,
+        sink: &mut dyn FnMut(&[u8]),
     ) {
         if let State::Connecting { .. } = self.machine.state {
             let Some(sock) = &self.sock else { return };
@@ -331,7 +354,7 @@ impl<T> Link<T> {
                 }
             }
         }
-        if let Err(why) = self.read(now, events) {
+        if let Err(why) = self.read(now, events, sink) {
             return self.fail(now, registry, why, events);
         }
         if let Err(e) = self.flush() {
@@ -373,16 +396,39 @@ impl<T> Link<T> {
         resp::encode(&mut self.out, args);
     }
 
+    /// A command may be queued: the link is ready and its buffers are
+    /// not full.
+    fn open(&self) -> bool {
+        self.is_ready()
+            && self.out.len() - self.out_at <= MAX_OUT_BYTES
+            && self.awaited.len() < MAX_PENDING
+    }
+
     /// Queue a command whose reply is reported with `tag`. Refused (the
     /// tag comes back) when the link is not ready or its buffers are full.
     pub fn send<A: AsRef<[u8]>>(&mut self, now: u64, tag: T, args: &[A]) -> Result<(), T> {
-        if !self.is_ready()
-            || self.out.len() - self.out_at > MAX_OUT_BYTES
-            || self.awaited.len() >= MAX_PENDING
-        {
+        if !self.open() {
             return Err(tag);
         }
         self.write(args);
+        self.awaited.push_back((Awaited::Caller(tag), now));
+        Ok(())
+    }
+
+    /// [`Link::send`] for a command that `write` appends to the output
+    /// buffer (with [`resp::encode_with`]), from what `tag` holds: a
+    /// caller that keeps a command's arguments in its tag sends them
+    /// without a copy of its own.
+    pub fn send_by(
+        &mut self,
+        now: u64,
+        tag: T,
+        write: impl FnOnce(&T, &mut Vec<u8>),
+    ) -> Result<(), T> {
+        if !self.open() {
+            return Err(tag);
+        }
+        write(&tag, &mut self.out);
         self.awaited.push_back((Awaited::Caller(tag), now));
         Ok(())
     }
@@ -427,10 +473,15 @@ impl<T> Link<T> {
 
     /// Read what the socket has, decoding every complete reply; note when
     /// a reply came.
-    fn read(&mut self, now: u64, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
+    fn read(
+        &mut self,
+        now: u64,
+        events: &mut Vec<LinkEvent<T>>,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), String> {
         let awaited = self.awaited.len();
         self.heard = false;
-        let read = self.read_socket(events);
+        let read = self.read_socket(events, sink);
         if self.awaited.len() < awaited || self.heard {
             self.answered_at = now;
         }
@@ -438,27 +489,33 @@ impl<T> Link<T> {
     }
 
     /// Read until a short read or `WouldBlock` (edge-triggered), decoding
-    /// every complete reply.
-    fn read_socket(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
-        let mut chunk = [0u8; 16 * 1024];
+    /// every complete reply after each read.
+    fn read_socket(
+        &mut self,
+        events: &mut Vec<LinkEvent<T>>,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), String> {
         loop {
+            self.make_room();
             let Some(sock) = &mut self.sock else {
                 return Ok(());
             };
-            match sock.read(&mut chunk) {
+            let room = self.inbuf.len() - self.in_end;
+            match sock.read(&mut self.inbuf[self.in_end..]) {
                 Ok(0) => return Err("Redis closed the connection".into()),
                 Ok(n) => {
-                    if self.inbuf.len() + n > MAX_IN_BYTES {
+                    self.in_end += n;
+                    self.decode(events, sink).map_err(|e| e.to_string())?;
+                    // What is left is the start of one reply: bounded.
+                    if self.in_end - self.in_at > MAX_IN_BYTES {
                         return Err(format!("reply larger than {MAX_IN_BYTES} bytes"));
                     }
-                    self.inbuf.extend_from_slice(&chunk[..n]);
-                    self.decode(events).map_err(|e| e.to_string())?;
                     // A short read emptied the socket's receive queue: what
                     // arrives later is a new readiness edge, so the read
                     // that would only say WouldBlock is one syscall per
                     // wake-up saved. (A close that raced the data is then
                     // seen at the next edge, or by the reply deadline.)
-                    if n < chunk.len() {
+                    if n < room {
                         return Ok(());
                     }
                 }
@@ -469,17 +526,56 @@ impl<T> Link<T> {
         }
     }
 
-    fn decode(&mut self, events: &mut Vec<LinkEvent<T>>) -> Result<(), RespError> {
-        let mut used = 0;
+    /// At least [`READ_ROOM`] free bytes at the end of the input buffer:
+    /// the undecoded rest (the start of one reply, usually a few bytes)
+    /// moves to the front, and the buffer grows only when that rest is
+    /// itself large. Growth zero-fills the new part, once.
+    fn make_room(&mut self) {
+        if self.in_at == self.in_end {
+            self.in_at = 0;
+            self.in_end = 0;
+        }
+        if self.inbuf.len() - self.in_end >= READ_ROOM {
+            return;
+        }
+        if self.in_at > 0 {
+            self.inbuf.copy_within(self.in_at..self.in_end, 0);
+            self.in_end -= self.in_at;
+            self.in_at = 0;
+        }
+        let want = self.in_end + READ_ROOM;
+        if self.inbuf.len() < want {
+            // Doubling: a large reply arriving in pieces is not grown (and
+            // re-zeroed) a piece at a time. The read bound keeps it under
+            // MAX_IN_BYTES + 2 * READ_ROOM.
+            let grown = want
+                .max(2 * self.inbuf.len())
+                .min(MAX_IN_BYTES + 2 * READ_ROOM);
+            self.inbuf.resize(grown, 0);
+        }
+    }
+
+    fn decode(
+        &mut self,
+        events: &mut Vec<LinkEvent<T>>,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), RespError> {
+        let subscriber = matches!(self.role, Role::Subscriber { .. });
         let mut failure = None;
-        while let Some((reply, n)) = resp::decode(&self.inbuf[used..])? {
-            used += n;
-            if let Err(why) = self.dispatch(reply, events) {
+        while let Some((reply, n)) = resp::decode_ref(&self.inbuf[self.in_at..self.in_end])? {
+            self.in_at += n;
+            if subscriber {
+                if let Some(payload) = message(&reply) {
+                    self.heard = true;
+                    sink(payload);
+                    continue;
+                }
+            }
+            if let Err(why) = self.dispatch(reply.to_reply(), events) {
                 failure = Some(why);
                 break;
             }
         }
-        self.inbuf.drain(..used);
         match failure {
             Some(why) => Err(RespError::BadLength(why)),
             None => Ok(()),
@@ -488,20 +584,6 @@ impl<T> Link<T> {
 
     /// Match one reply with what awaited it.
     fn dispatch(&mut self, reply: Reply, events: &mut Vec<LinkEvent<T>>) -> Result<(), String> {
-        let subscriber = matches!(self.role, Role::Subscriber { .. });
-        if subscriber {
-            if let Reply::Array(items) = &reply {
-                match items.first().and_then(Reply::text) {
-                    Some("message") => {
-                        self.heard = true;
-                        events.push(LinkEvent::Push(reply));
-                        return Ok(());
-                    }
-                    Some("pong") | Some("subscribe") => {}
-                    _ => {}
-                }
-            }
-        }
         let Some((awaited, _)) = self.awaited.pop_front() else {
             return Err("a reply nobody asked for".into());
         };
@@ -545,7 +627,8 @@ impl<T> Link<T> {
         }
         self.out.clear();
         self.out_at = 0;
-        self.inbuf.clear();
+        self.in_at = 0;
+        self.in_end = 0;
         let lost = self
             .awaited
             .drain(..)
@@ -555,6 +638,24 @@ impl<T> Link<T> {
             })
             .collect();
         events.push(LinkEvent::Down(lost));
+    }
+}
+
+/// The payload of a pub/sub `message` push (`["message", channel,
+/// payload]`; one whose payload is not a bulk comes out empty, which the
+/// engine ignores like any publication it cannot read); `None` for
+/// anything else (a subscribe confirmation, a pong), which answers a
+/// command.
+fn message<'a>(reply: &ReplyRef<'a>) -> Option<&'a [u8]> {
+    let ReplyRef::Array(mut items) = *reply else {
+        return None;
+    };
+    if items.next()? != ReplyRef::Bulk(b"message") {
+        return None;
+    }
+    match items.nth(1) {
+        Some(ReplyRef::Bulk(payload)) => Some(payload),
+        _ => Some(&[]),
     }
 }
 
@@ -646,7 +747,7 @@ mod tests {
         let mut poll = mio::Poll::new().expect("poll");
         let mut link: Link<u32> = Link::new(Token(1), Role::Commands, 1);
         let mut events = Vec::new();
-        link.tick(0, poll.registry(), &url, &mut events);
+        link.tick(0, poll.registry(), &url, &mut events, &mut |_| {});
         let (mut redis, _) = listener.accept().expect("accept");
         redis
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -654,7 +755,7 @@ mod tests {
         let mut ready = mio::Events::with_capacity(4);
         poll.poll(&mut ready, Some(std::time::Duration::from_secs(5)))
             .expect("poll");
-        link.on_ready(0, poll.registry(), &url, &mut events);
+        link.on_ready(0, poll.registry(), &url, &mut events, &mut |_| {});
         assert!(link.is_ready(), "{:?}", link.machine.state);
         for tag in 0..3 {
             assert!(link.send(1_000, tag, &["PING"]).is_ok());
@@ -668,16 +769,16 @@ mod tests {
         // The first answer comes at 1,500: the others may take until 2,250.
         redis.write_all(b"+PONG\r\n").expect("answer");
         wait_readable(&mut poll, &link);
-        link.on_ready(1_500, poll.registry(), &url, &mut events);
+        link.on_ready(1_500, poll.registry(), &url, &mut events, &mut |_| {});
         assert_eq!(link.in_flight(), 2);
         assert_eq!(link.next_deadline(), Some(1_500 + REPLY_DEADLINE_MS));
-        link.tick(2_000, poll.registry(), &url, &mut events);
+        link.tick(2_000, poll.registry(), &url, &mut events, &mut |_| {});
         assert!(link.is_ready());
         // The second answer is in the socket, unread, when the deadline is
         // checked: it is read first, so the link stays up.
         redis.write_all(b"+PONG\r\n").expect("answer");
         wait_readable(&mut poll, &link);
-        link.tick(2_300, poll.registry(), &url, &mut events);
+        link.tick(2_300, poll.registry(), &url, &mut events, &mut |_| {});
         assert!(link.is_ready(), "{:?}", link.machine.state);
         assert_eq!(link.in_flight(), 1);
         // Nothing more comes: the deadline from the last answer fails it.
@@ -686,8 +787,83 @@ mod tests {
             poll.registry(),
             &url,
             &mut events,
+            &mut |_| {},
         );
         assert!(!link.is_ready());
         assert!(matches!(events.last(), Some(LinkEvent::Down(lost)) if lost == &vec![2]));
+    }
+
+    /// A subscription's messages reach the sink as they were published
+    /// however the bytes arrive, a large one too (it grows the input
+    /// buffer past its read room); the subscribe confirmation and a pong
+    /// answer what awaited them.
+    #[test]
+    fn messages_go_to_the_sink_whole_whatever_the_reads() {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = RedisUrl {
+            addr: listener.local_addr().expect("addr").to_string(),
+            username: None,
+            password: None,
+            db: 0,
+        };
+        let mut poll = mio::Poll::new().expect("poll");
+        let role = Role::Subscriber {
+            channel: "ch".into(),
+        };
+        let mut link: Link<u32> = Link::new(Token(1), role, 1);
+        let mut events = Vec::new();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        link.tick(0, poll.registry(), &url, &mut events, &mut |_| {});
+        let (mut redis, _) = listener.accept().expect("accept");
+        redis
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut ready = mio::Events::with_capacity(4);
+        poll.poll(&mut ready, Some(std::time::Duration::from_secs(5)))
+            .expect("poll");
+        link.on_ready(0, poll.registry(), &url, &mut events, &mut |_| {});
+        let mut subscribe = [0u8; 64];
+        let n = redis.read(&mut subscribe).expect("SUBSCRIBE");
+        assert!(subscribe[..n].ends_with(b"SUBSCRIBE\r\n$2\r\nch\r\n"));
+        let big = vec![b'x'; 3 * READ_ROOM + 17];
+        let mut stream = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n".to_vec();
+        for payload in [&b"B r 1\nfirst"[..], &big, b""] {
+            stream.extend_from_slice(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n");
+            stream.extend_from_slice(format!("${}\r\n", payload.len()).as_bytes());
+            stream.extend_from_slice(payload);
+            stream.extend_from_slice(b"\r\n");
+        }
+        let mut at = 0;
+        for piece in stream.chunks(7_001) {
+            redis.write_all(piece).expect("publish");
+            at += piece.len();
+            wait_readable(&mut poll, &link);
+            let mut sink = |payload: &[u8]| got.push(payload.to_vec());
+            link.on_ready(at as u64, poll.registry(), &url, &mut events, &mut sink);
+            assert!(
+                !matches!(events.last(), Some(LinkEvent::Down(_))),
+                "{events:?}"
+            );
+        }
+        assert!(link.is_ready(), "{:?}", link.machine.state);
+        assert!(matches!(events[..], [LinkEvent::Up]), "{events:?}");
+        assert_eq!(got, [b"B r 1\nfirst".to_vec(), big, Vec::new()]);
+        // All of it was decoded, and the buffer grew for the large one only.
+        assert_eq!(link.in_at, link.in_end);
+        assert!(link.inbuf.len() <= 8 * READ_ROOM, "{}", link.inbuf.len());
+        // A pong is no message: it answers the ping.
+        link.ping(1_000_000);
+        link.flush().expect("flush");
+        assert_eq!(link.in_flight(), 1);
+        redis
+            .write_all(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+            .expect("pong");
+        wait_readable(&mut poll, &link);
+        link.on_ready(1_000_001, poll.registry(), &url, &mut events, &mut |_| {
+            panic!("a pong is not a message")
+        });
+        assert_eq!(link.in_flight(), 0);
+        assert!(link.is_ready());
     }
 }

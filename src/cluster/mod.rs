@@ -27,6 +27,7 @@ pub mod url;
 use std::fmt;
 use std::rc::Rc;
 
+use crate::protocol::Frame;
 use crate::store::Kept;
 
 /// Names one request to the engine; its completion carries it back.
@@ -142,13 +143,15 @@ pub struct Completion {
 /// An event from the cluster for this node's members.
 #[derive(Debug)]
 pub enum Publication {
-    /// A room message, in id order. `ticket` is set when this node
-    /// published it (the sender's own copy carries its `ref`).
+    /// A room message, in id order, as the text frame every member gets
+    /// (built once from the publication's bytes; the `message` event's
+    /// JSON is its payload). `ticket` is set when this node published it
+    /// (the sender's own copy carries its `ref`).
     Message {
         room: Rc<str>,
         id: u64,
         ticket: Option<Ticket>,
-        json: Rc<str>,
+        frame: Frame,
     },
     /// A `join`/`leave` notice for `room`.
     Presence { room: Rc<str>, json: String },

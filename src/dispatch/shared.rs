@@ -701,8 +701,8 @@ impl Dispatcher {
                 room,
                 id,
                 ticket,
-                json,
-            } => self.fan_out(&room, id, ticket, &json, out),
+                frame,
+            } => self.fan_out(&room, id, ticket, frame, out),
             Publication::Presence { room, json } => {
                 let frame = protocol::text_frame(&json);
                 let Some(r) = self.tables.room(&room) else {
@@ -769,10 +769,9 @@ impl Dispatcher {
         room: &Rc<str>,
         id: u64,
         ticket: Option<Ticket>,
-        json: &str,
+        shared_frame: Frame,
         out: &mut Effects,
     ) {
-        let shared_frame = protocol::text_frame(json);
         // The sender's own copy, when this node published it.
         let mut own: Option<(ConnKey, Frame)> = None;
         if let Some(t) = ticket {
@@ -786,11 +785,13 @@ impl Dispatcher {
                 if self.still(key, &name) {
                     let frame = match reference {
                         Some(r) => {
-                            let mut with_ref = json[..json.len() - 1].to_string();
-                            with_ref.push_str(",\"ref\":");
-                            with_ref.push_str(&serde_json::to_string(&*r).unwrap_or_default());
-                            with_ref.push('}');
-                            protocol::text_frame(&with_ref)
+                            // The shared frame's payload is the message's
+                            // JSON object (the engine built it from text).
+                            let json =
+                                String::from_utf8_lossy(protocol::frame_payload(&shared_frame));
+                            let open = json.strip_suffix('}').unwrap_or(&json);
+                            let r = serde_json::to_string(&*r).unwrap_or_default();
+                            protocol::text_frame_of(&[open, ",\"ref\":", &r, "}"])
                         }
                         None => shared_frame.clone(),
                     };
@@ -1030,7 +1031,7 @@ mod tests {
                     room: Rc::from(room),
                     id,
                     ticket,
-                    json: Rc::from(json),
+                    frame: protocol::text_frame(&json),
                 },
                 &mut self.out,
             );
@@ -1153,7 +1154,7 @@ mod tests {
                 room: Rc::from("r"),
                 id: 1,
                 ticket: Some(*t),
-                json: Rc::from(json),
+                frame: protocol::text_frame(&json),
             },
             &mut n.out,
         );
