@@ -50,6 +50,10 @@ pub enum HistoryError {
     /// The transaction holding the iteration's messages was rolled back
     /// before the commit (a failed write ahead of a read): none is kept.
     RolledBack(String),
+    /// A bound of the store's keys was reached (a room out of ids, or no
+    /// room for another room): the message is refused, never stored under
+    /// a wrong key.
+    Full(String),
 }
 
 impl fmt::Display for HistoryError {
@@ -59,6 +63,7 @@ impl fmt::Display for HistoryError {
             HistoryError::Corrupt(what) => write!(f, "history record corrupt: {what}"),
             HistoryError::Sqlite(e) => write!(f, "history database failed: {e}"),
             HistoryError::RolledBack(why) => write!(f, "history not kept: {why}"),
+            HistoryError::Full(what) => write!(f, "history full: {what}"),
         }
     }
 }

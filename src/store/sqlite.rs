@@ -58,7 +58,7 @@ const LOCK_FILE: &str = "LOCK";
 pub const MIGRATED_DIR: &str = "rooms.migrated";
 
 /// The schema this code writes (`meta.schema`). A newer one is refused.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Descriptors the store holds whatever the number of rooms: the lock, the
 /// loop's database and log, the helper's database and log plus its own
@@ -111,23 +111,80 @@ const STATEMENT_CACHE: usize = 48;
 /// dispatcher, bounded here again because this is what goes to disk).
 const MAX_ROOM_NAME: usize = 32;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta(
-    key TEXT PRIMARY KEY,
-    value ANY
-) WITHOUT ROWID;
+/// The number of bits of a message's key that hold its per-room id; the
+/// bits above them hold the room's `rid` (see [`key`]). A macro, so that the
+/// SQL below spells the same number as the Rust code.
+macro_rules! id_bits {
+    () => {
+        40
+    };
+}
+
+/// Bits of the key for the per-room id: 2^40 - 1 (about 1.1e12) ids per
+/// room, which is this server's whole measured peak (about 22,000 messages
+/// a second, `docs/performance.md`) into one room for a year and a half, or
+/// a room of 1,000 messages a second for 35 years.
+pub const ID_BITS: u32 = id_bits!();
+
+/// The largest id a room can have: its next message is refused
+/// ([`HistoryError::Full`]), never written under another room's key.
+pub const MAX_ID: u64 = (1 << ID_BITS) - 1;
+
+/// The largest `rooms.rid` (2^23 - 1, about 8.4 million rooms ever
+/// written to; rooms are never removed from `rooms`, since their ids must
+/// not go back): the key is a signed 64-bit integer kept positive, so
+/// 63 - [`ID_BITS`] bits are left for the room. A room past it is refused
+/// ([`HistoryError::Full`]); the rooms below keep working.
+pub const MAX_RID: i64 = (1 << (63 - ID_BITS)) - 1;
+
+/// The key of message `id` of room `rid`: `rid << ID_BITS | id`, so that one
+/// room's messages are one contiguous range of keys, in id order. `None`
+/// past either cap, where packing would give another room's key.
+pub fn key(rid: i64, id: u64) -> Option<i64> {
+    if !(1..=MAX_RID).contains(&rid) || id > MAX_ID {
+        return None;
+    }
+    // Both fit: at most 23 bits shifted by 40, or'ed with at most 40 bits.
+    Some(rid << ID_BITS | id as i64)
+}
+
+/// The `(rid, id)` a key packs (the inverse of [`key`]).
+pub fn unpack(key: i64) -> (i64, u64) {
+    (key >> ID_BITS, (key as u64) & MAX_ID)
+}
+
+/// The keys of room `rid`'s messages with ids in `lo..=hi` (clamped to the
+/// ids a room can have).
+fn key_range(rid: i64, lo: u64, hi: u64) -> (i64, i64) {
+    let base = rid << ID_BITS;
+    (base | lo.min(MAX_ID) as i64, base | hi.min(MAX_ID) as i64)
+}
+
+/// `messages` holds one row per message, keyed by the pair (room, id)
+/// packed into one integer ([`key`]), the table's rowid: an append at the
+/// end of a room's range is an insert into a rowid B-tree, which SQLite
+/// does with less rebalancing than a `WITHOUT ROWID` table of a composite
+/// key (`docs/performance.md`), and every read is a range of the rowid.
+/// `room` and `id` are virtual columns (computed when read, not stored),
+/// for inspection with `sqlite3`; the store's queries use `key`.
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS rooms(
     rid INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     last_id INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS messages(
-    room INTEGER NOT NULL,
-    id INTEGER NOT NULL,
+    key INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,
     json TEXT NOT NULL,
-    PRIMARY KEY(room, id)
-) WITHOUT ROWID;
+    room INTEGER GENERATED ALWAYS AS (key >> ",
+    id_bits!(),
+    ") VIRTUAL,
+    id INTEGER GENERATED ALWAYS AS (key & ((1 << ",
+    id_bits!(),
+    ") - 1)) VIRTUAL
+);
 CREATE TABLE IF NOT EXISTS quarantine(
     room INTEGER NOT NULL,
     id INTEGER NOT NULL,
@@ -135,26 +192,62 @@ CREATE TABLE IF NOT EXISTS quarantine(
     found_ms INTEGER NOT NULL,
     PRIMARY KEY(room, id)
 ) WITHOUT ROWID;
-";
+"
+);
+
+/// Created first, on its own: it says which schema the rest has.
+const META: &str = "CREATE TABLE IF NOT EXISTS meta(
+    key TEXT PRIMARY KEY,
+    value ANY
+) WITHOUT ROWID;";
 
 const SELECT_ROOM: &str = "SELECT rid, last_id FROM rooms WHERE name = ?1";
 const INSERT_ROOM: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, 0)";
-const INSERT_MESSAGE: &str = "INSERT INTO messages(room, id, ts, json) VALUES (?1, ?2, ?3, ?4)";
+const UNDO_ROOM: &str = "DELETE FROM rooms WHERE rid = ?1";
+const INSERT_MESSAGE: &str = "INSERT INTO messages(key, ts, json) VALUES (?1, ?2, ?3)";
 const SET_LAST_ID: &str = "UPDATE rooms SET last_id = ?2 WHERE rid = ?1 AND last_id < ?2";
 const SAVE_LAST_ID: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, ?2)
      ON CONFLICT(name) DO UPDATE SET last_id = max(last_id, excluded.last_id)";
-const BEFORE: &str = "SELECT room, id, json FROM messages
-     WHERE room = (SELECT rid FROM rooms WHERE name = ?1) AND id < ?2
-     ORDER BY id DESC LIMIT ?3";
-const AFTER: &str = "SELECT room, id, json FROM messages
-     WHERE room = (SELECT rid FROM rooms WHERE name = ?1) AND id > ?2
-     ORDER BY id LIMIT ?3";
-const OLDEST: &str = "SELECT min(id) FROM messages WHERE room = ?1";
-const DELETE_RANGE: &str = "DELETE FROM messages WHERE room = ?1 AND id >= ?2 AND id <= ?3";
+/// Room `?1`'s messages with ids up to `?2` (`-1..=MAX_ID`), newest first.
+/// The bounds are the room's key range (`rid << 40` is its id 0, which no
+/// message has); a room without a row gives NULL bounds and no rows. No
+/// bound is above `i64::MAX`, even for the last `rid`.
+const BEFORE: &str = concat!(
+    "SELECT key, json FROM messages
+     WHERE key > (SELECT rid << ",
+    id_bits!(),
+    " FROM rooms WHERE name = ?1)
+       AND key <= (SELECT rid << ",
+    id_bits!(),
+    " FROM rooms WHERE name = ?1) + ?2
+     ORDER BY key DESC LIMIT ?3"
+);
+/// Room `?1`'s messages with ids above `?2` (`0..MAX_ID`), oldest first.
+const AFTER: &str = concat!(
+    "SELECT key, json FROM messages
+     WHERE key > (SELECT rid << ",
+    id_bits!(),
+    " FROM rooms WHERE name = ?1) + ?2
+       AND key <= (SELECT (rid << ",
+    id_bits!(),
+    ") | ((1 << ",
+    id_bits!(),
+    ") - 1) FROM rooms WHERE name = ?1)
+     ORDER BY key LIMIT ?3"
+);
+/// The oldest key in a room's range `?1..=?2`.
+const OLDEST: &str = "SELECT key FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key LIMIT 1";
+const DELETE_RANGE: &str = "DELETE FROM messages WHERE key BETWEEN ?1 AND ?2";
 const SWEEP: &str = "SELECT rid, last_id FROM rooms WHERE rid > ?1 ORDER BY rid LIMIT ?2";
-const QUARANTINE: &str = "INSERT OR REPLACE INTO quarantine(room, id, json, found_ms)
-     SELECT room, id, CAST(json AS BLOB), ?3 FROM messages WHERE room = ?1 AND id = ?2";
-const DELETE_ONE: &str = "DELETE FROM messages WHERE room = ?1 AND id = ?2";
+const QUARANTINE: &str = concat!(
+    "INSERT OR REPLACE INTO quarantine(room, id, json, found_ms)
+     SELECT key >> ",
+    id_bits!(),
+    ", key & ((1 << ",
+    id_bits!(),
+    ") - 1), CAST(json AS BLOB), ?2 FROM messages WHERE key = ?1"
+);
+const DELETE_ONE: &str = "DELETE FROM messages WHERE key = ?1";
 
 /// How to open the store.
 #[derive(Clone, Debug)]
@@ -201,6 +294,9 @@ pub enum OpenError {
     NewerSchema { path: PathBuf, version: i64 },
     /// An old JSON-lines data dir could not be migrated (nothing was changed).
     Migrate { dir: PathBuf, detail: String },
+    /// A database of an earlier schema could not be rewritten into this
+    /// one (nothing was changed).
+    Upgrade { path: PathBuf, detail: String },
     /// The helper thread could not be started.
     Thread(io::Error),
 }
@@ -238,6 +334,11 @@ impl fmt::Display for OpenError {
                 "cannot migrate the old store in {}: {detail} (nothing was changed)",
                 dir.display()
             ),
+            OpenError::Upgrade { path, detail } => write!(
+                f,
+                "cannot upgrade database {} to schema {SCHEMA_VERSION}: {detail} (nothing was changed)",
+                path.display()
+            ),
             OpenError::Thread(e) => write!(f, "cannot start the store's helper thread: {e}"),
         }
     }
@@ -260,19 +361,19 @@ struct Live {
 
 /// A message appended in the open transaction and not yet handed to SQLite.
 struct Pending {
-    rid: i64,
-    id: i64,
+    /// The message's [`key`].
+    key: i64,
     json: Rc<RawValue>,
 }
 
 /// The multi-row `INSERT` of `rows` messages.
 fn insert_sql(rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO messages(room, id, ts, json) VALUES ");
+    let mut sql = String::from("INSERT INTO messages(key, ts, json) VALUES ");
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?,?,?,?)");
+        sql.push_str("(?,?,?)");
     }
     sql
 }
@@ -404,11 +505,6 @@ fn ts_of(json: &str) -> i64 {
         end = at;
     }
     0
-}
-
-/// An id as SQLite stores it (a signed 64-bit integer).
-fn sql_id(id: u64) -> Result<i64, HistoryError> {
-    i64::try_from(id).map_err(|_| HistoryError::Corrupt(format!("id {id} out of range")))
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
@@ -565,7 +661,7 @@ impl SqliteHistory {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.execute_batch(&format!("PRAGMA cache_size = -{CACHE_KIB};"))
             .map_err(db_err)?;
-        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        conn.execute_batch(META).map_err(db_err)?;
         // `meta.open` is set while a server has the file open and removed
         // by a clean stop. Left set, the last run ended in a crash (or a
         // power cut): check the pages' structure (not every row's content)
@@ -610,8 +706,10 @@ impl SqliteHistory {
                     version: v,
                 })
             }
-            Some(_) => {}
+            Some(1) => upgrade_from_1(&conn, &db_path, opts.fsync)?,
+            Some(_) => conn.execute_batch(SCHEMA).map_err(db_err)?,
             None => {
+                conn.execute_batch(SCHEMA).map_err(db_err)?;
                 conn.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema', ?1)",
                     [SCHEMA_VERSION],
@@ -799,6 +897,24 @@ impl SqliteHistory {
                 Ok(f) => f,
                 Err(e) => return Err(self.failed(e)),
             };
+            if rid > MAX_RID {
+                // Its messages' keys would collide with no room's but lie
+                // outside the positive keys: refused. A row just made is
+                // taken back, so that the next room tried gets the same
+                // rid and is refused too (rids are the largest plus one).
+                if created {
+                    let undone = self
+                        .conn
+                        .prepare_cached(UNDO_ROOM)
+                        .and_then(|mut undo| undo.execute([rid]));
+                    if let Err(e) = undone {
+                        return Err(self.failed(e));
+                    }
+                }
+                return Err(HistoryError::Full(format!(
+                    "room {room:?} cannot be stored: {MAX_RID} rooms exist"
+                )));
+            }
             if created {
                 self.txn_new_rooms += 1;
             }
@@ -833,7 +949,8 @@ impl SqliteHistory {
             return Ok(Vec::new());
         }
         self.insert_before_reading()?;
-        let mut bad: Vec<(i64, i64)> = Vec::new();
+        // Keys of unreadable rows.
+        let mut bad: Vec<i64> = Vec::new();
         let result: rusqlite::Result<Vec<Kept>> = (|| {
             let mut stmt = self.conn.prepare_cached(sql)?;
             let mut rows = stmt.query(params![
@@ -843,21 +960,20 @@ impl SqliteHistory {
             ])?;
             let mut out = Vec::with_capacity(limit.min(512));
             while let Some(row) = rows.next()? {
-                let rid: i64 = row.get(0)?;
-                let id: i64 = row.get(1)?;
-                let json = row.get_ref(2)?.as_str().ok();
+                let key: i64 = row.get(0)?;
+                let (_, id) = unpack(key);
+                let json = row.get_ref(1)?.as_str().ok();
                 let kept = json.and_then(|text| {
                     let raw: Box<RawValue> = serde_json::from_str(text).ok()?;
                     let IdOnly { id: named } = serde_json::from_str(raw.get()).ok()?;
-                    let id = u64::try_from(id).ok().filter(|&id| id == named)?;
-                    Some(Kept {
+                    (id == named).then(|| Kept {
                         id,
                         json: Rc::from(raw),
                     })
                 });
                 match kept {
                     Some(k) => out.push(k),
-                    None => bad.push((rid, id)),
+                    None => bad.push(key),
                 }
             }
             Ok(out)
@@ -878,8 +994,9 @@ impl SqliteHistory {
     /// Moves unreadable rows out of `messages`, in the iteration's
     /// transaction. Best effort: if that fails they are skipped again (and
     /// reported again) by the next read.
-    fn quarantine(&mut self, room: &str, bad: &[(i64, i64)]) {
-        for &(_, id) in bad {
+    fn quarantine(&mut self, room: &str, bad: &[i64]) {
+        for &key in bad {
+            let (_, id) = unpack(key);
             log::warn!(
                 "room {room:?}: message {id} in {} is unreadable; moved to table quarantine",
                 self.db_path.display()
@@ -892,9 +1009,9 @@ impl SqliteHistory {
         let moved: rusqlite::Result<()> = (|| {
             let mut copy = self.conn.prepare_cached(QUARANTINE)?;
             let mut delete = self.conn.prepare_cached(DELETE_ONE)?;
-            for &(rid, id) in bad {
-                copy.execute(params![rid, id, now_ms()])?;
-                delete.execute(params![rid, id])?;
+            for &key in bad {
+                copy.execute(params![key, now_ms()])?;
+                delete.execute(params![key])?;
             }
             Ok(())
         })();
@@ -933,11 +1050,10 @@ impl SqliteHistory {
                 while rest.len() >= size {
                     let (now, later) = rest.split_at(size);
                     for (i, row) in now.iter().enumerate() {
-                        let at = 4 * i + 1;
-                        insert.raw_bind_parameter(at, row.rid)?;
-                        insert.raw_bind_parameter(at + 1, row.id)?;
-                        insert.raw_bind_parameter(at + 2, ts_of(row.json.get()))?;
-                        insert.raw_bind_parameter(at + 3, row.json.get())?;
+                        let at = 3 * i + 1;
+                        insert.raw_bind_parameter(at, row.key)?;
+                        insert.raw_bind_parameter(at + 1, ts_of(row.json.get()))?;
+                        insert.raw_bind_parameter(at + 2, row.json.get())?;
                     }
                     insert.raw_execute()?;
                     rest = later;
@@ -1029,10 +1145,16 @@ impl SqliteHistory {
             }
             let lo = match known {
                 Some(lo) => lo,
-                None => match oldest.query_row([rid], |r| r.get::<_, Option<i64>>(0))? {
-                    Some(lo) => u64::try_from(lo).unwrap_or(0),
-                    None => continue,
-                },
+                None => {
+                    let (first, last) = key_range(rid, 1, MAX_ID);
+                    match oldest
+                        .query_row([first, last], |r| r.get::<_, i64>(0))
+                        .optional()?
+                    {
+                        Some(key) => unpack(key).1,
+                        None => continue,
+                    }
+                }
             };
             let Some(cutoff) = last.checked_sub(self.retain) else {
                 if let Some(live) = name.as_deref().and_then(|n| self.live.get_mut(n)) {
@@ -1044,11 +1166,8 @@ impl SqliteHistory {
             if lo <= cutoff {
                 // Ids are unique, so this range holds at most `budget` rows.
                 let hi = cutoff.min(lo.saturating_add(budget - 1));
-                let n = delete.execute(params![
-                    rid,
-                    i64::try_from(lo).unwrap_or(i64::MAX),
-                    i64::try_from(hi).unwrap_or(i64::MAX)
-                ])? as u64;
+                let (first, last) = key_range(rid, lo, hi);
+                let n = delete.execute(params![first, last])? as u64;
                 self.retention_deleted += n;
                 budget = budget.saturating_sub(n.max(1));
                 next_oldest = hi + 1;
@@ -1125,6 +1244,102 @@ impl SqliteHistory {
     }
 }
 
+/// Rewrites a database of schema 1, whose `messages` was a `WITHOUT ROWID`
+/// table keyed by the columns `(room, id)`, into this schema (the pair
+/// packed into one integer key, [`key`]), in one transaction: a crash or
+/// an error before its commit leaves schema 1 as it was, and the next start
+/// tries again. Blocks (it copies every message once); run at start only.
+fn upgrade_from_1(conn: &Connection, path: &Path, fsync: Fsync) -> Result<(), OpenError> {
+    let fail = |detail: String| OpenError::Upgrade {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let start = Instant::now();
+    // Durable before anything is served from it, whatever `--fsync` says.
+    conn.execute_batch("PRAGMA synchronous = FULL")
+        .map_err(|e| fail(e.to_string()))?;
+    let copy = || -> Result<u64, String> {
+        let sql = |e: rusqlite::Error| e.to_string();
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        // A row past the key's caps has no key: refuse rather than guess.
+        let (rows, beyond): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), count(*) FILTER (WHERE room NOT BETWEEN 1 AND ?1
+                                                   OR id NOT BETWEEN 1 AND ?2)
+                 FROM messages",
+                params![MAX_RID, MAX_ID as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(sql)?;
+        if beyond > 0 {
+            return Err(format!(
+                "{beyond} messages have a room past {MAX_RID} or an id past {MAX_ID}"
+            ));
+        }
+        conn.execute_batch(&format!(
+            "ALTER TABLE messages RENAME TO messages_schema_1;
+             {SCHEMA}"
+        ))
+        .map_err(sql)?;
+        // In key order, so that every row is appended at the table's end.
+        let copied = conn
+            .execute(
+                &format!(
+                    "INSERT INTO messages(key, ts, json)
+                     SELECT room << {ID_BITS} | id, ts, json FROM messages_schema_1
+                     ORDER BY room, id"
+                ),
+                [],
+            )
+            .map_err(sql)?;
+        if copied as i64 != rows {
+            return Err(format!("copied {copied} of {rows} messages"));
+        }
+        conn.execute_batch(&format!(
+            "DROP TABLE messages_schema_1;
+             UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema';
+             COMMIT;"
+        ))
+        .map_err(sql)?;
+        Ok(copied as u64)
+    };
+    let copied = match copy() {
+        Ok(n) => n,
+        Err(detail) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(fail(detail));
+        }
+    };
+    // The old table's pages are free now (as many as the new table's): give
+    // them back, or the file stays twice its size until rows reuse them.
+    // Only space is at stake, so a failure (a disk too full for the copy
+    // VACUUM makes) is logged, not fatal: the upgrade is committed.
+    if let Err(e) = conn.execute_batch("VACUUM") {
+        log::warn!("{}: VACUUM after the upgrade failed: {e}", path.display());
+    }
+    // Committed and synced already: the checkpoint only keeps the log of
+    // the copy from lingering at its full size.
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        log::warn!(
+            "{}: checkpoint after the upgrade failed: {e}",
+            path.display()
+        );
+    }
+    conn.execute_batch(&format!("PRAGMA synchronous = {}", synchronous(fsync)))
+        .map_err(|source| OpenError::Database {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    log::info!(
+        "{}: {copied} messages rewritten from schema 1 to {SCHEMA_VERSION} in {:.1} s",
+        path.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Copies an old JSON-lines store under `dir` into the database in one
 /// transaction, then moves its `rooms/` aside. Returns the messages copied.
 /// A crash before the commit leaves the old store as it was (the next start
@@ -1168,10 +1383,16 @@ fn migrate(conn: &Connection, dir: &Path, fsync: Fsync) -> Result<u64, OpenError
                     })
                     .map_err(|e| e.to_string())?;
                 for r in &room.records {
-                    let id = i64::try_from(r.id).map_err(|e| e.to_string())?;
+                    let key = key(rid, r.id).ok_or_else(|| {
+                        format!(
+                            "room {name:?}, id {}: past the store's caps ({MAX_RID} rooms, \
+                             ids up to {MAX_ID})",
+                            r.id
+                        )
+                    })?;
                     insert
-                        .execute(params![rid, id, ts_of(&r.json), r.json])
-                        .map_err(|e| format!("room {name:?}, id {id}: {e}"))?;
+                        .execute(params![key, ts_of(&r.json), r.json])
+                        .map_err(|e| format!("room {name:?}, id {}: {e}", r.id))?;
                     copied += 1;
                 }
             }
@@ -1232,12 +1453,18 @@ impl History for SqliteHistory {
             Ok(live) => live,
             Err(e) => {
                 self.append_errors += 1;
-                self.failing = true;
+                // No room left for a new room is that room's refusal, not a
+                // failing store.
+                if !matches!(e, HistoryError::Full(_)) {
+                    self.failing = true;
+                }
                 return Err(e);
             }
         };
-        if live.last_id >= i64::MAX as u64 {
-            return Err(HistoryError::Corrupt("room ran out of ids".into()));
+        if live.last_id >= MAX_ID {
+            return Err(HistoryError::Full(format!(
+                "room {room:?} ran out of ids (the last is {MAX_ID})"
+            )));
         }
         live.last_id += 1;
         Ok(live.last_id)
@@ -1260,7 +1487,10 @@ impl History for SqliteHistory {
             )));
         }
         let rid = live.rid;
-        let id = sql_id(msg.id)?;
+        // `reserve_id` and `live` keep both below their caps.
+        let key = key(rid, msg.id).ok_or_else(|| {
+            HistoryError::Full(format!("room {room:?}: id {} cannot be stored", msg.id))
+        })?;
         if let Err(e) = self.begin() {
             self.append_errors += 1;
             self.failing = true;
@@ -1270,8 +1500,7 @@ impl History for SqliteHistory {
         // `rooms.last_id` brought up once per room at commit, in the same
         // transaction: one row write per room per iteration, not per message.
         self.pending.push(Pending {
-            rid,
-            id,
+            key,
             json: msg.json,
         });
         if let Some(live) = self.live.get_mut(room) {
@@ -1291,10 +1520,11 @@ impl History for SqliteHistory {
     }
 
     fn after(&mut self, room: &str, since: u64, max: usize) -> Result<Vec<Kept>, HistoryError> {
-        let Ok(since) = i64::try_from(since) else {
+        // No room has an id past `MAX_ID`.
+        if since >= MAX_ID {
             return Ok(Vec::new());
-        };
-        self.page(AFTER, room, since, max, false)
+        }
+        self.page(AFTER, room, since as i64, max, false)
     }
 
     fn before(
@@ -1303,8 +1533,10 @@ impl History for SqliteHistory {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Kept>, HistoryError> {
-        let bound = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        self.page(BEFORE, room, bound, limit, true)
+        // The last id wanted, -1 for none (`before` 0); both caps fit in
+        // an i64 with room to spare.
+        let last = before.map_or(MAX_ID as i64, |b| b.min(MAX_ID + 1) as i64 - 1);
+        self.page(BEFORE, room, last, limit, true)
     }
 
     fn release(&mut self, room: &str) {
@@ -1700,7 +1932,7 @@ mod tests {
         // A row in the way of the next id: its insert fails.
         h.conn
             .execute(
-                "INSERT INTO messages(room, id, ts, json) VALUES (1, 3, 0, '{}')",
+                "INSERT INTO messages(key, ts, json) VALUES ((1 << 40) | 3, 0, '{}')",
                 [],
             )
             .expect("plant");
@@ -1855,6 +2087,226 @@ mod tests {
             Err(OpenError::Corrupt { detail, .. }) => assert!(!detail.contains('\n'), "{detail}"),
             other => panic!("expected Corrupt, got {:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn keys_pack_room_and_id_in_order_and_none_past_the_caps() {
+        assert_eq!(MAX_RID, 8_388_607);
+        assert_eq!(MAX_ID, 1_099_511_627_775);
+        assert_eq!(key(1, 1), Some((1 << 40) | 1));
+        assert_eq!(key(MAX_RID, MAX_ID), Some(i64::MAX));
+        for (rid, id) in [
+            (0, 1),
+            (-1, 1),
+            (MAX_RID + 1, 1),
+            (1, MAX_ID + 1),
+            (1, u64::MAX),
+        ] {
+            assert_eq!(key(rid, id), None, "({rid}, {id})");
+        }
+        for (rid, id) in [
+            (1, 1),
+            (7, 12_345),
+            (MAX_RID, 1),
+            (1, MAX_ID),
+            (MAX_RID, MAX_ID),
+        ] {
+            assert_eq!(key(rid, id).map(unpack), Some((rid, id)));
+        }
+        // Ordered by room, then id: a room's last id is below the next
+        // room's first, so a room's messages are one range of keys.
+        assert!(key(5, MAX_ID) < key(6, 1));
+        assert!(key(5, 9) < key(5, 10));
+        assert_eq!(
+            key_range(3, 0, u64::MAX),
+            (3 << 40, (3 << 40) | MAX_ID as i64)
+        );
+    }
+
+    /// A room at its last id refuses the next message, the room with the
+    /// last rid works up to it (its reads stay in its own range), a room
+    /// past the last rid is refused without leaving a row, and none of it
+    /// makes the store unhealthy.
+    #[test]
+    fn a_room_past_its_last_id_or_past_the_last_room_is_refused() {
+        let tmp = TempDir::new("caps");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 1_000_000)).expect("open");
+        send(&mut h, "a", 1);
+        h.commit().expect("commit");
+        h.conn
+            .execute(
+                "INSERT INTO rooms(rid, name, last_id) VALUES (?1, 'last', ?2)",
+                params![MAX_RID, MAX_ID as i64 - 2],
+            )
+            .expect("plant");
+        assert_eq!(send(&mut h, "last", 2), vec![MAX_ID - 1, MAX_ID]);
+        assert!(matches!(h.reserve_id("last"), Err(HistoryError::Full(_))));
+        h.commit().expect("commit");
+        assert!(h.healthy());
+        let both = vec![MAX_ID - 1, MAX_ID];
+        assert_eq!(ids(&h.last("last", 10).expect("last")), both);
+        assert_eq!(ids(&h.after("last", 0, 10).expect("after")), both);
+        assert_eq!(
+            ids(&h.after("last", MAX_ID - 1, 10).expect("after")),
+            vec![MAX_ID]
+        );
+        assert!(h.after("last", MAX_ID, 10).expect("after").is_empty());
+        assert!(h.after("last", u64::MAX, 10).expect("after").is_empty());
+        assert_eq!(
+            ids(&h.before("last", Some(MAX_ID), 10).expect("before")),
+            vec![MAX_ID - 1]
+        );
+        assert_eq!(
+            ids(&h.before("last", Some(u64::MAX), 10).expect("before")),
+            both
+        );
+        assert!(h.before("last", Some(0), 10).expect("before").is_empty());
+        assert_eq!(ids(&h.last("a", 10).expect("last")), vec![1]);
+        // `sqlite3` reads the pair back through the virtual columns.
+        let pair: (i64, i64) = h
+            .conn
+            .query_row(
+                "SELECT room, id FROM messages ORDER BY key DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("pair");
+        assert_eq!(pair, (MAX_RID, MAX_ID as i64));
+
+        // No rid left: a new room is refused, and leaves no row.
+        assert!(matches!(h.reserve_id("new"), Err(HistoryError::Full(_))));
+        assert!(matches!(h.reserve_id("new"), Err(HistoryError::Full(_))));
+        assert_eq!(send(&mut h, "a", 1), vec![2], "the others keep working");
+        h.commit().expect("commit");
+        assert!(h.healthy());
+        let rooms: i64 = h
+            .conn
+            .query_row("SELECT count(*) FROM rooms", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!((rooms, counter(&h, "store_rooms")), (2, 1));
+    }
+
+    /// The tables as schema 1 wrote them (the build before this one).
+    const SCHEMA_1: &str = "
+        PRAGMA journal_mode = WAL;
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID;
+        CREATE TABLE rooms(rid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                           last_id INTEGER NOT NULL);
+        CREATE TABLE messages(room INTEGER NOT NULL, id INTEGER NOT NULL,
+                              ts INTEGER NOT NULL, json TEXT NOT NULL,
+                              PRIMARY KEY(room, id)) WITHOUT ROWID;
+        CREATE TABLE quarantine(room INTEGER NOT NULL, id INTEGER NOT NULL,
+                                json BLOB, found_ms INTEGER NOT NULL,
+                                PRIMARY KEY(room, id)) WITHOUT ROWID;
+        INSERT INTO meta(key, value) VALUES ('schema', 1);
+    ";
+
+    /// A schema-1 database with rooms `a` (ids 301..=1200 kept, 1500
+    /// handed out), `b` (1..=3), `c` (none kept, 7 handed out), one
+    /// quarantined row, and `extra` planted on top.
+    fn schema_1_db(dir: &Path, extra: &str) {
+        fs::create_dir_all(dir).expect("mkdir");
+        let db = Connection::open(dir.join(DB_FILE)).expect("open");
+        db.execute_batch(SCHEMA_1).expect("schema 1");
+        db.execute_batch(
+            "INSERT INTO rooms(rid, name, last_id) VALUES (1, 'a', 1500), (2, 'b', 3), (3, 'c', 7);
+             INSERT INTO quarantine VALUES (2, 9, x'00', 1);",
+        )
+        .expect("rooms");
+        let mut insert = db
+            .prepare("INSERT INTO messages(room, id, ts, json) VALUES (?1, ?2, ?3, ?4)")
+            .expect("insert");
+        for (rid, room, ids) in [(1, "a", 301..=1200), (2, "b", 1..=3)] {
+            for id in ids {
+                let k = kept(room, id);
+                insert
+                    .execute(params![rid, id as i64, id as i64, k.json.get()])
+                    .expect("row");
+            }
+        }
+        drop(insert);
+        db.execute_batch(extra).expect("extra");
+    }
+
+    /// A data dir of the schema before opens with every message, its id
+    /// and `ts`, every room's last id and the quarantine kept, rewritten
+    /// once.
+    #[test]
+    fn a_schema_1_database_is_upgraded_keeping_every_message_and_id() {
+        let tmp = TempDir::new("upgrade");
+        schema_1_db(&tmp.0, "");
+        for _ in 0..2 {
+            let mut h = SqliteHistory::open(&opts(&tmp.0, 1_000_000)).expect("open");
+            let schema: i64 = h
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                    r.get(0)
+                })
+                .expect("schema");
+            assert_eq!(schema, SCHEMA_VERSION);
+            let a = h.after("a", 0, 2000).expect("after");
+            assert_eq!(ids(&a), (301..=1200).collect::<Vec<_>>());
+            assert!(a.iter().all(|k| k.json.get() == kept("a", k.id).json.get()));
+            assert_eq!(ids(&h.last("b", 10).expect("last")), vec![1, 2, 3]);
+            assert!(h.last("c", 10).expect("last").is_empty());
+            let (rows, ts_ok, quarantined, old_tables, free): (i64, bool, i64, i64, i64) = h
+                .conn
+                .query_row(
+                    "SELECT (SELECT count(*) FROM messages),
+                            (SELECT count(*) = 0 FROM messages WHERE ts != id),
+                            (SELECT count(*) FROM quarantine),
+                            (SELECT count(*) FROM sqlite_schema WHERE name LIKE '%schema_1%'),
+                            (SELECT freelist_count FROM pragma_freelist_count())",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .expect("counts");
+            // No pages of the old table left behind (the VACUUM).
+            assert_eq!(
+                (rows, ts_ok, quarantined, old_tables, free),
+                (903, true, 1, 0, 0)
+            );
+            h.release("a");
+            h.release("b");
+        }
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 1_000_000)).expect("open");
+        assert_eq!(h.reserve_id("a").expect("id"), 1501);
+        assert_eq!(h.reserve_id("b").expect("id"), 4);
+        assert_eq!(h.reserve_id("c").expect("id"), 8);
+    }
+
+    /// A schema-1 row that has no key (past a cap) refuses the upgrade with
+    /// one line, and the file stays as it was.
+    #[test]
+    fn a_schema_1_row_past_the_caps_refuses_the_upgrade_and_changes_nothing() {
+        let tmp = TempDir::new("upgradecap");
+        schema_1_db(
+            &tmp.0,
+            &format!(
+                "INSERT INTO messages VALUES (2, {}, 0, '{{}}');",
+                MAX_ID + 1
+            ),
+        );
+        match SqliteHistory::open(&opts(&tmp.0, 100)) {
+            Err(e @ OpenError::Upgrade { .. }) => {
+                let line = e.to_string();
+                assert!(
+                    line.contains("nothing was changed") && !line.contains('\n'),
+                    "{line}"
+                );
+            }
+            other => panic!("expected Upgrade, got {:?}", other.err()),
+        }
+        let db = Connection::open(tmp.0.join(DB_FILE)).expect("open");
+        let (schema, rows): (i64, i64) = db
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'schema'),
+                        (SELECT count(*) FROM messages WHERE room IN (1, 2))",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("as before");
+        assert_eq!((schema, rows), (1, 904));
     }
 
     #[test]
