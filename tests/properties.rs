@@ -105,7 +105,10 @@ proptest! {
                 }
                 OutboxOp::Flush(room) => {
                     let queued = outbox.queued();
+                    // The peer read: a real socket reports WRITABLE, and
+                    // only then does a stalled outbox write again.
                     socket.room = room;
+                    outbox.socket_writable();
                     let before = socket.got.len();
                     let (written, flushed) = outbox.write_to(&mut socket).expect("in-memory socket");
                     prop_assert_eq!(written, socket.got.len() - before);
