@@ -756,7 +756,12 @@ impl Server {
                 // Before the flush: a connection shed here has its goodbye
                 // queued, and it must go out in this pass like any output.
                 self.check_memory();
-                if self.dirty.is_empty() || self.hold_output() || !self.flush_dirty() {
+                if self.dirty.is_empty() {
+                    // Nothing left to hold (every held connection closed).
+                    self.output = Output::Flowing;
+                    break;
+                }
+                if self.hold_output() || !self.flush_dirty() {
                     break;
                 }
             }

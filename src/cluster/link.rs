@@ -734,9 +734,8 @@ mod tests {
         panic!("nothing to read after 20 wake-ups");
     }
 
-    #[test]
-    fn the_deadline_runs_from_the_last_answer_and_reads_first() {
-        use std::io::{Read as _, Write as _};
+    /// A listener standing in for Redis, and the URL that reaches it.
+    fn fake_redis() -> (std::net::TcpListener, RedisUrl) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = RedisUrl {
             addr: listener.local_addr().expect("addr").to_string(),
@@ -744,6 +743,13 @@ mod tests {
             password: None,
             db: 0,
         };
+        (listener, url)
+    }
+
+    #[test]
+    fn the_deadline_runs_from_the_last_answer_and_reads_first() {
+        use std::io::{Read as _, Write as _};
+        let (listener, url) = fake_redis();
         let mut poll = mio::Poll::new().expect("poll");
         let mut link: Link<u32> = Link::new(Token(1), Role::Commands, 1);
         let mut events = Vec::new();
@@ -800,13 +806,7 @@ mod tests {
     #[test]
     fn messages_go_to_the_sink_whole_whatever_the_reads() {
         use std::io::{Read as _, Write as _};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = RedisUrl {
-            addr: listener.local_addr().expect("addr").to_string(),
-            username: None,
-            password: None,
-            db: 0,
-        };
+        let (listener, url) = fake_redis();
         let mut poll = mio::Poll::new().expect("poll");
         let role = Role::Subscriber {
             channel: "ch".into(),
