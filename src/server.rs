@@ -1575,6 +1575,7 @@ impl Server {
                     && queued >= HOLD_AT_PER_CONNECTION * self.dirty.len() as u64;
                 if busy && self.shutdown_deadline.is_none() {
                     self.output = Output::Held { pass };
+                    self.counters.held_passes += 1;
                 }
                 busy
             }

@@ -119,6 +119,9 @@ pub struct LoopCounters {
     /// `write`/`writev` calls made by flushes: `frames_queued / writes` is how
     /// many frames share one system call.
     pub writes: u64,
+    /// Passes whose flush waited for the next pass (`server::Output`):
+    /// how often saturation made output wait for company.
+    pub held_passes: u64,
     /// Slab slots freed by `reap`.
     pub removed: u64,
     /// Connections closed with 1013 to stay under `--memory-limit`.
@@ -286,6 +289,7 @@ impl Snapshot {
                 ("frames_queued", l.frames_queued),
                 ("flushes", l.flushes),
                 ("writes", l.writes),
+                ("held_passes", l.held_passes),
             ] {
                 fields.insert(name.to_string(), value.into());
             }
@@ -505,6 +509,12 @@ impl Snapshot {
             "counter",
             "write and writev calls made by outbox flushes.",
             &[("", l.writes)],
+        );
+        metric(
+            "held_passes_total",
+            "counter",
+            "Passes whose flush waited one pass under saturation.",
+            &[("", l.held_passes)],
         );
         metric(
             "loop_deferred_total",
