@@ -133,7 +133,12 @@ impl Script {
 /// three commands: `INCRBY` takes the ids (the high-water mark only
 /// corrects it after a loss), `LTRIM` runs only when the push's length is
 /// past `retain`, and no Lua number is turned into a command argument
-/// (Redis formats those as floats).
+/// (Redis formats those as floats). The publication is built by one
+/// `table.concat`, the header put in the channel's slot of `ARGV` once the
+/// channel is read: Redis's Lua hashes every byte of every string it
+/// makes, so a second string of the whole batch (a `..` around the
+/// concatenation) was a second pass over every message, about a tenth of
+/// Redis's CPU at saturation by a profile.
 const PUBLISH_LUA: &str = r#"
 local n = #ARGV - 4
 local last = redis.call('INCRBY', KEYS[1], n)
@@ -160,7 +165,9 @@ local first = id + 1
 if redis.call('RPUSH', KEYS[2], unpack(ARGV, 5)) > retain then
   redis.call('LTRIM', KEYS[2], '-' .. ARGV[3], '-1')
 end
-redis.call('PUBLISH', ARGV[4], 'B ' .. ARGV[1] .. ' ' .. string.format('%d', first) .. '\n' .. table.concat(ARGV, '\n', 5))
+local channel = ARGV[4]
+ARGV[4] = 'B ' .. ARGV[1] .. ' ' .. string.format('%d', first)
+redis.call('PUBLISH', channel, table.concat(ARGV, '\n', 4))
 return first
 "#;
 
