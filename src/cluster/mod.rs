@@ -189,3 +189,23 @@ pub enum Publication {
     /// [`Request::Resync`].
     Reconnected,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Unnumbered;
+
+    #[test]
+    fn an_unnumbered_message_splits_around_its_placeholder_only() {
+        let json = r#"{"user":"a","id":0,"ts":5}"#.to_string();
+        let at = json.find(":0,").map(|i| i + 1);
+        let m = at.and_then(|at| Unnumbered::new(json.clone(), at));
+        let m = m.expect("the placeholder is a 0");
+        assert_eq!(
+            format!("{}7{}", m.prefix(), m.suffix()),
+            r#"{"user":"a","id":7,"ts":5}"#
+        );
+        // Not a `0` there, or past the end: refused, not a panic later.
+        assert_eq!(Unnumbered::new(json.clone(), 2), None);
+        assert_eq!(Unnumbered::new(json.clone(), json.len()), None);
+    }
+}
