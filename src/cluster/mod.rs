@@ -62,11 +62,10 @@ pub enum Request {
         notice: String,
     },
     /// Accept a message: the engine assigns the id and keeps and
-    /// publishes `prefix` + id + `suffix` (the `message` event's JSON).
+    /// publishes the `message` event's JSON with it.
     Publish {
         room: Rc<str>,
-        prefix: String,
-        suffix: String,
+        json: Unnumbered,
     },
     /// At most `limit` kept messages of `room` below `before`.
     Page {
@@ -89,6 +88,35 @@ pub enum Request {
         names: Vec<Rc<str>>,
         memberships: Vec<(Rc<str>, Rc<str>)>,
     },
+}
+
+/// A `message` event's JSON before the cluster gives it an id: the text as
+/// serialized with a placeholder `0` for the id, and where that digit is.
+/// One string holds both halves, so a message on its way to Redis costs
+/// one allocation, not one per half.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unnumbered {
+    json: String,
+    /// Byte offset of the placeholder digit.
+    zero: usize,
+}
+
+impl Unnumbered {
+    /// `json` with its id field's placeholder `0` at byte `zero`; `None`
+    /// when that byte is not a `0`.
+    pub fn new(json: String, zero: usize) -> Option<Unnumbered> {
+        (json.as_bytes().get(zero) == Some(&b'0')).then_some(Unnumbered { json, zero })
+    }
+
+    /// The JSON before the id.
+    pub fn prefix(&self) -> &str {
+        &self.json[..self.zero]
+    }
+
+    /// The JSON after the id.
+    pub fn suffix(&self) -> &str {
+        &self.json[self.zero + 1..]
+    }
 }
 
 /// The answer to a request.
@@ -160,4 +188,24 @@ pub enum Publication {
     /// The link to Redis is back: the dispatcher answers with
     /// [`Request::Resync`].
     Reconnected,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unnumbered;
+
+    #[test]
+    fn an_unnumbered_message_splits_around_its_placeholder_only() {
+        let json = r#"{"user":"a","id":0,"ts":5}"#.to_string();
+        let at = json.find(":0,").map(|i| i + 1);
+        let m = at.and_then(|at| Unnumbered::new(json.clone(), at));
+        let m = m.expect("the placeholder is a 0");
+        assert_eq!(
+            format!("{}7{}", m.prefix(), m.suffix()),
+            r#"{"user":"a","id":7,"ts":5}"#
+        );
+        // Not a `0` there, or past the end: refused, not a panic later.
+        assert_eq!(Unnumbered::new(json.clone(), 2), None);
+        assert_eq!(Unnumbered::new(json.clone(), json.len()), None);
+    }
 }

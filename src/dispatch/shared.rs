@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use super::{clip, fit_newest, joined_frame, Dispatcher, Effects, Refusal, MAX_USERS_LISTED};
-use crate::cluster::{Answer, Completion, Publication, Request, Ticket, Unavailable};
+use crate::cluster::{Answer, Completion, Publication, Request, Ticket, Unavailable, Unnumbered};
 use crate::protocol::{self, ErrorCode, Frame};
 use crate::rate::Bucket;
 use crate::rooms::ConnKey;
@@ -278,26 +278,30 @@ impl Dispatcher {
             ts,
             reference: None,
         };
-        let Ok(json) = serde_json::to_string(&event) else {
+        // Sized for the usual message (its strings need no escaping, plus
+        // the field names and numbers), so it is serialized without
+        // regrowing: this is the one allocation of the message's JSON.
+        let mut buf = Vec::with_capacity(content.len() + room.len() + user.len() + 96);
+        if serde_json::to_writer(&mut buf, &event).is_err() {
+            return;
+        }
+        let Ok(json) = String::from_utf8(buf) else {
             return;
         };
-        // The id goes between the two halves. Quotes inside `content` are
+        // The id goes where the placeholder is. Quotes inside `content` are
         // escaped, so the last `,"id":0,` is the field, not user text.
-        let Some(at) = json.rfind(",\"id\":0,") else {
+        let Some(json) = json
+            .rfind(",\"id\":0,")
+            .and_then(|at| Unnumbered::new(json, at + 6))
+        else {
             return;
         };
-        let prefix = json[..at + 6].to_string();
-        let suffix = json[at + 7..].to_string();
         let waiting = Waiting::Publish {
             key,
             name: user,
             reference: reference.map(Into::into),
         };
-        let request = Request::Publish {
-            room,
-            prefix,
-            suffix,
-        };
+        let request = Request::Publish { room, json };
         if !self.ask(Some(waiting), request) {
             self.unavailable(key, Unavailable::NotSent, reference, out);
         }
@@ -1139,11 +1143,11 @@ mod tests {
             &mut n.out,
         );
         let reqs = n.requests();
-        let [(t, Request::Publish { prefix, suffix, .. })] = &reqs[..] else {
+        let [(t, Request::Publish { json, .. })] = &reqs[..] else {
             panic!("{reqs:?}")
         };
         assert!(n.take().is_empty(), "nothing before the cluster has it");
-        let json = format!("{prefix}1{suffix}");
+        let json = format!("{}1{}", json.prefix(), json.suffix());
         let v: Value = serde_json::from_str(&json).expect("the halves make JSON");
         assert_eq!(
             (v["id"].as_u64(), v["content"].as_str()),
