@@ -71,6 +71,19 @@ pub const DESCRIPTORS: usize = 7;
 /// while a backlog (a lowered `--retain-messages`) is worked off.
 pub const RETENTION_BATCH: u64 = 1000;
 
+/// A room's oldest messages are deleted once at least this share of its
+/// retention (1 in 100, at least 1 and at most [`RETENTION_BATCH`] rows)
+/// is past it, in one range: a delete changes the same few pages whatever
+/// it deletes (the oldest leaf, its parent, the free-list trunk, the
+/// header page), so deleting as many rows as each commit appended, every
+/// commit, wrote about five pages more per commit to the log, which was
+/// the whole difference in CPU per message to the JSON-lines store under
+/// `--fsync always` (`docs/performance.md`). A room so keeps between N and
+/// N + N/100 - 1 messages (the JSON-lines store: up to a segment, N/10, more).
+fn retention_chunk(retain: u64) -> u64 {
+    (retain / 100).clamp(1, RETENTION_BATCH)
+}
+
 /// Rooms retention looks at every [`SWEEP_EVERY`] commits besides those
 /// written in them, in turn, so that rooms nobody writes to any more are
 /// trimmed too (after `--retain-messages` was lowered).
@@ -1108,15 +1121,15 @@ impl SqliteHistory {
     /// others in turn, deleting at most a budget of rows in all.
     fn trim(&mut self) -> rusqlite::Result<()> {
         let mut budget = RETENTION_BATCH + self.txn_appends;
+        let chunk = retention_chunk(self.retain);
         let mut targets: Vec<TrimTarget> = Vec::new();
         for (name, rid) in &self.txn_rooms {
             if let Some(live) = self.live.get(name) {
-                // Known to hold nothing old enough: no query at all (the
-                // common case, every commit of a room under its retention).
-                if live
-                    .oldest
-                    .is_some_and(|o| o.saturating_add(self.retain) > live.stored)
-                {
+                // Known to hold less than a chunk past its retention: no
+                // query at all (the common case, nearly every commit).
+                if live.oldest.is_some_and(|o| {
+                    o.saturating_add(self.retain).saturating_add(chunk - 1) > live.stored
+                }) {
                     continue;
                 }
                 targets.push((*rid, live.stored, live.oldest, Some(name.clone())));
@@ -1163,7 +1176,7 @@ impl SqliteHistory {
                 continue;
             };
             let mut next_oldest = lo;
-            if lo <= cutoff {
+            if lo <= cutoff && cutoff - lo + 1 >= chunk {
                 // Ids are unique, so this range holds at most `budget` rows.
                 let hi = cutoff.min(lo.saturating_add(budget - 1));
                 let (first, last) = key_range(rid, lo, hi);
@@ -1988,6 +2001,31 @@ mod tests {
             ids(&h.after("r", 0, 100).expect("after")),
             (2996..=3005).collect::<Vec<_>>()
         );
+    }
+
+    /// A room's oldest messages go once a hundredth of its retention is
+    /// past it, in one delete, not a few rows every commit.
+    #[test]
+    fn retention_deletes_a_chunk_at_a_time() {
+        let tmp = TempDir::new("chunk");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 1000)).expect("open");
+        assert_eq!(retention_chunk(1000), 10);
+        send(&mut h, "r", 1000);
+        h.commit().expect("commit");
+        // Nine past the retention: kept.
+        for _ in 0..9 {
+            send(&mut h, "r", 1);
+            h.commit().expect("commit");
+        }
+        assert_eq!(counter(&h, "store_retention_deleted"), 0);
+        assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 1);
+        // The tenth: all ten go, the newest 1,000 stay.
+        send(&mut h, "r", 1);
+        h.commit().expect("commit");
+        assert_eq!(counter(&h, "store_retention_deleted"), 10);
+        assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 11);
+        assert_eq!(retention_chunk(10), 1);
+        assert_eq!(retention_chunk(100_000_000), RETENTION_BATCH);
     }
 
     #[test]
