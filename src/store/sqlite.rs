@@ -58,7 +58,11 @@ const LOCK_FILE: &str = "LOCK";
 pub const MIGRATED_DIR: &str = "rooms.migrated";
 
 /// The schema this code writes (`meta.schema`). A newer one is refused.
-const SCHEMA_VERSION: i64 = 2;
+/// Schema 3 has the tables of schema 2; what changed is what
+/// `rooms.last_id` means (a floor, see `last_id!`), so that a build of
+/// schema 2, which took it for the last id, refuses the file instead of
+/// handing out ids that are stored already.
+const SCHEMA_VERSION: i64 = 3;
 
 /// Descriptors the store holds whatever the number of rooms: the lock, the
 /// loop's database and log, the helper's database and log plus its own
@@ -214,11 +218,46 @@ const META: &str = "CREATE TABLE IF NOT EXISTS meta(
     value ANY
 ) WITHOUT ROWID;";
 
-const SELECT_ROOM: &str = "SELECT rid, last_id FROM rooms WHERE name = ?1";
+/// The last id stored in the room of the `rooms` row in scope: the greater
+/// of `rooms.last_id` and the id of the room's newest message (one descent
+/// of the rowid B-tree, from the end of the room's range). Commits do not
+/// write `rooms.last_id`: the newest message is the last id, and no commit
+/// has to change a second page (the `rooms` row) besides the messages' own.
+/// The column is only raised where the newest message alone would say too
+/// little: ids of a failed transaction (`carry`), a newest row quarantined,
+/// and an old store's reservation at migration. Retention never deletes a
+/// room's newest message (it keeps at least one id), so the rule holds
+/// whatever it deleted, and whatever a crash left (a message and its id are
+/// one row, committed or not together).
+macro_rules! last_id {
+    () => {
+        concat!(
+            "max(rooms.last_id, coalesce((SELECT key FROM messages
+                 WHERE key > (rooms.rid << ",
+            id_bits!(),
+            ") AND key <= ((rooms.rid << ",
+            id_bits!(),
+            ") | ((1 << ",
+            id_bits!(),
+            ") - 1)) ORDER BY key DESC LIMIT 1) & ((1 << ",
+            id_bits!(),
+            ") - 1), 0))"
+        )
+    };
+}
+
+const SELECT_ROOM: &str = concat!("SELECT rid, ", last_id!(), " FROM rooms WHERE name = ?1");
 const INSERT_ROOM: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, 0)";
 const UNDO_ROOM: &str = "DELETE FROM rooms WHERE rid = ?1";
 const INSERT_MESSAGE: &str = "INSERT INTO messages(key, ts, json) VALUES (?1, ?2, ?3)";
-const SET_LAST_ID: &str = "UPDATE rooms SET last_id = ?2 WHERE rid = ?1 AND last_id < ?2";
+/// Raises `rooms.last_id` of room `?1` to its last id, before a row that
+/// may be its newest is deleted (quarantine): without it, that id would be
+/// handed out again (see `last_id!`).
+const FREEZE_LAST_ID: &str = concat!(
+    "UPDATE rooms SET last_id = ",
+    last_id!(),
+    " WHERE name = ?1"
+);
 const SAVE_LAST_ID: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, ?2)
      ON CONFLICT(name) DO UPDATE SET last_id = max(last_id, excluded.last_id)";
 /// Room `?1`'s messages with ids up to `?2` (`-1..=MAX_ID`), newest first.
@@ -251,7 +290,11 @@ const AFTER: &str = concat!(
 /// The oldest key in a room's range `?1..=?2`.
 const OLDEST: &str = "SELECT key FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key LIMIT 1";
 const DELETE_RANGE: &str = "DELETE FROM messages WHERE key BETWEEN ?1 AND ?2";
-const SWEEP: &str = "SELECT rid, last_id FROM rooms WHERE rid > ?1 ORDER BY rid LIMIT ?2";
+const SWEEP: &str = concat!(
+    "SELECT rid, ",
+    last_id!(),
+    " FROM rooms WHERE rid > ?1 ORDER BY rid LIMIT ?2"
+);
 const QUARANTINE: &str = concat!(
     "INSERT OR REPLACE INTO quarantine(room, id, json, found_ms)
      SELECT key >> ",
@@ -720,6 +763,15 @@ impl SqliteHistory {
                 })
             }
             Some(1) => upgrade_from_1(&conn, &db_path, opts.fsync)?,
+            // Same tables; `rooms.last_id` holds every room's last id, a
+            // valid floor (`last_id!`).
+            Some(2) => conn
+                .execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                    [SCHEMA_VERSION],
+                )
+                .map(|_| ())
+                .map_err(db_err)?,
             Some(_) => conn.execute_batch(SCHEMA).map_err(db_err)?,
             None => {
                 conn.execute_batch(SCHEMA).map_err(db_err)?;
@@ -1020,6 +1072,9 @@ impl SqliteHistory {
             return;
         }
         let moved: rusqlite::Result<()> = (|| {
+            // In the same transaction as the deletes: the room's last id
+            // must not go down with its newest row.
+            self.conn.prepare_cached(FREEZE_LAST_ID)?.execute([room])?;
             let mut copy = self.conn.prepare_cached(QUARANTINE)?;
             let mut delete = self.conn.prepare_cached(DELETE_ONE)?;
             for &key in bad {
@@ -1103,18 +1158,6 @@ impl SqliteHistory {
         self.abandon_txn();
         self.failing = true;
         self.failed(e)
-    }
-
-    /// Brings `rooms.last_id` of the rooms written in this transaction up to
-    /// their last stored id.
-    fn save_last_ids(&mut self) -> rusqlite::Result<()> {
-        let mut set = self.conn.prepare_cached(SET_LAST_ID)?;
-        for (name, rid) in &self.txn_rooms {
-            if let Some(live) = self.live.get(name) {
-                set.execute(params![rid, i64::try_from(live.stored).unwrap_or(i64::MAX)])?;
-            }
-        }
-        Ok(())
     }
 
     /// Retention for this commit: first the rooms written in it, then a few
@@ -1509,9 +1552,8 @@ impl History for SqliteHistory {
             self.failing = true;
             return Err(e);
         }
-        // Inserted with the iteration's others by `flush`, and
-        // `rooms.last_id` brought up once per room at commit, in the same
-        // transaction: one row write per room per iteration, not per message.
+        // Inserted with the iteration's others by `insert_pending`; the row
+        // is the room's last id too (`last_id!`), no `rooms` write.
         self.pending.push(Pending {
             key,
             json: msg.json,
@@ -1579,9 +1621,9 @@ impl History for SqliteHistory {
             };
         }
         let start = Instant::now();
-        // Without the last ids the ids of this transaction could be given
-        // again: no commit without them.
-        if let Err(e) = self.insert_pending().and_then(|()| self.save_last_ids()) {
+        // The rooms' last ids are their newest messages (`last_id!`):
+        // nothing else to write.
+        if let Err(e) = self.insert_pending() {
             let e = self.roll_back(e);
             // Reported by this error, not again by the next commit.
             self.lost = None;
@@ -1764,7 +1806,15 @@ mod tests {
     fn reads_are_range_searches_of_the_primary_key() {
         let tmp = TempDir::new("plan");
         let h = SqliteHistory::open(&opts(&tmp.0, 10)).expect("open");
-        for sql in [BEFORE, AFTER, OLDEST, DELETE_RANGE, SELECT_ROOM] {
+        for sql in [
+            BEFORE,
+            AFTER,
+            OLDEST,
+            DELETE_RANGE,
+            SELECT_ROOM,
+            SWEEP,
+            FREEZE_LAST_ID,
+        ] {
             let mut stmt = h
                 .conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
@@ -1893,6 +1943,67 @@ mod tests {
         let mut h = SqliteHistory::open(&o).expect("reopen");
         assert_eq!(ids(&h.last("r", 10).expect("last")), vec![1, 2, 3, 6]);
         assert_eq!(h.reserve_id("r").expect("id"), 7);
+    }
+
+    /// A commit writes the messages and nothing else: `rooms.last_id`
+    /// stays as it was, and the room's last id, after a reopen, is its
+    /// newest message's, also once retention deleted the older ones.
+    #[test]
+    fn a_commit_leaves_the_rooms_row_alone_and_ids_come_from_the_newest_message() {
+        let tmp = TempDir::new("lastid");
+        let o = opts(&tmp.0, 3);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        for _ in 0..4 {
+            send(&mut h, "r", 5);
+            h.commit().expect("commit");
+        }
+        let floor: i64 = h
+            .conn
+            .query_row("SELECT last_id FROM rooms WHERE name = 'r'", [], |r| {
+                r.get(0)
+            })
+            .expect("row");
+        assert_eq!(floor, 0, "no commit wrote the rooms row");
+        assert_eq!(ids(&h.last("r", 10).expect("last")), vec![18, 19, 20]);
+        drop(h);
+        let mut h = SqliteHistory::open(&o).expect("reopen");
+        assert_eq!(h.reserve_id("r").expect("id"), 21);
+        // A floor above the newest message wins (a failed transaction's
+        // ids, an old store's reservation).
+        h.conn
+            .execute("UPDATE rooms SET last_id = 40 WHERE name = 'r'", [])
+            .expect("floor");
+        h.release("r");
+        assert_eq!(h.reserve_id("r").expect("id"), 41);
+    }
+
+    /// A database of schema 2 (whose commits kept `rooms.last_id` at the
+    /// last stored id) opens as schema 3 with its ids going on from there,
+    /// messages deleted or not.
+    #[test]
+    fn a_schema_2_database_opens_as_3_and_keeps_its_last_ids() {
+        let tmp = TempDir::new("schema2");
+        let o = opts(&tmp.0, 100);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        send(&mut h, "r", 7);
+        h.commit().expect("commit");
+        h.conn
+            .execute_batch(
+                "UPDATE rooms SET last_id = 9 WHERE name = 'r';
+                 DELETE FROM messages WHERE id > 5;
+                 UPDATE meta SET value = 2 WHERE key = 'schema';",
+            )
+            .expect("as schema 2 left it");
+        drop(h);
+        let mut h = SqliteHistory::open(&o).expect("reopen");
+        let schema: i64 = h
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .expect("schema");
+        assert_eq!(schema, 3);
+        assert_eq!(h.reserve_id("r").expect("id"), 10);
     }
 
     /// `store_rooms` counts rows of `rooms`: a room created by a
@@ -2056,6 +2167,28 @@ mod tests {
             .query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))
             .expect("count");
         assert_eq!(quarantined, 2);
+    }
+
+    /// Quarantining a room's newest row does not lower its last id: the
+    /// next message, after the room's state was dropped or a restart, gets
+    /// the id after it, not the quarantined row's id again.
+    #[test]
+    fn a_quarantined_newest_row_keeps_its_id_taken() {
+        let tmp = TempDir::new("quarantinelast");
+        let o = opts(&tmp.0, 100);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        send(&mut h, "r", 3);
+        h.commit().expect("commit");
+        h.conn
+            .execute("UPDATE messages SET json = 'not json' WHERE id = 3", [])
+            .expect("damage");
+        assert_eq!(ids(&h.last("r", 10).expect("last")), vec![1, 2]);
+        h.commit().expect("commit");
+        h.release("r");
+        assert_eq!(h.reserve_id("r").expect("id"), 4);
+        drop(h);
+        let mut h = SqliteHistory::open(&o).expect("reopen");
+        assert_eq!(h.reserve_id("r").expect("id"), 4);
     }
 
     #[test]
