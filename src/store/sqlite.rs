@@ -45,7 +45,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{legacy, Fsync, History, HistoryError, Kept};
-use checkpointer::{Checkpointer, Shared, CHECKPOINT_FRAMES, TAIL_FRAMES};
+use checkpointer::{checkpoint_frames, Checkpointer, Shared, TAIL_FRAMES};
 
 /// The database file in the data dir; SQLite adds `-wal` and `-shm` beside it.
 pub const DB_FILE: &str = "loopchat.db";
@@ -495,6 +495,8 @@ pub struct SqliteHistory {
     woke_at: Option<u64>,
     /// Log length at the loop's last checkpoint.
     loop_checkpoint_at: u64,
+    /// Log length at which the helper is woken (`checkpoint_frames`).
+    checkpoint_frames: u64,
     corrupt_rows: u64,
     retention_deleted: u64,
     migrated: u64,
@@ -843,6 +845,7 @@ impl SqliteHistory {
             tail_checkpoints: 0,
             woke_at: None,
             loop_checkpoint_at: 0,
+            checkpoint_frames: checkpoint_frames(opts.fsync),
             corrupt_rows: 0,
             retention_deleted: 0,
             migrated,
@@ -1248,7 +1251,7 @@ impl SqliteHistory {
         let done = s.backfilled.load(Ordering::SeqCst);
         if done == 0 {
             // Once per log: the commit that took it past the threshold.
-            if frames >= CHECKPOINT_FRAMES
+            if frames >= self.checkpoint_frames
                 && self.woke_at != Some(s.restarts.load(Ordering::SeqCst))
             {
                 self.woke_at = Some(s.restarts.load(Ordering::SeqCst));
@@ -1836,6 +1839,26 @@ mod tests {
         }
     }
 
+    /// With `everysec` the log is four times longer before the helper
+    /// checkpoints it: there the syncs of its starting over are the loop's
+    /// only ones.
+    #[test]
+    fn everysec_lets_the_log_grow_longer_before_a_checkpoint() {
+        for (fsync, frames) in [
+            (Fsync::Always, 1000),
+            (Fsync::Everysec, 4000),
+            (Fsync::Never, 1000),
+        ] {
+            let tmp = TempDir::new("threshold");
+            let h = SqliteHistory::open(&Options {
+                fsync,
+                ..opts(&tmp.0, 100)
+            })
+            .expect("open");
+            assert_eq!(h.checkpoint_frames, frames, "{fsync}");
+        }
+    }
+
     /// The loop copies the short rest a helper's checkpoint left, so that
     /// the next commit starts the log over (under a load without pauses a
     /// passive checkpoint never reaches the log's end by itself); a rest
@@ -1850,7 +1873,7 @@ mod tests {
             h.commit().expect("commit");
         }
         let frames = h.shared.frames.load(Ordering::SeqCst);
-        assert!(frames > 2 && frames < CHECKPOINT_FRAMES, "{frames}");
+        assert!(frames > 2 && frames < h.checkpoint_frames, "{frames}");
         let restarts = counter(&h, "store_wal_restarts");
         let as_if_the_helper_copied = |h: &SqliteHistory, done: u64| {
             let s = &h.shared;
@@ -1876,7 +1899,7 @@ mod tests {
         assert_eq!(counter(&h, "store_tail_checkpoints"), 0);
         assert_eq!(counter(&h, "store_wal_restarts"), restarts);
         let frames = h.shared.frames.load(Ordering::SeqCst);
-        assert!(frames < CHECKPOINT_FRAMES, "{frames}");
+        assert!(frames < h.checkpoint_frames, "{frames}");
 
         // A short rest: copied by the loop, then the log starts over.
         send(&mut h, "busy", 20);
@@ -1903,7 +1926,7 @@ mod tests {
                 ..opts(&tmp.0, 1_000_000)
             })
             .expect("open");
-            while h.shared.frames.load(Ordering::SeqCst) < CHECKPOINT_FRAMES {
+            while h.shared.frames.load(Ordering::SeqCst) < h.checkpoint_frames {
                 send(&mut h, "busy", 50);
                 h.commit().expect("commit");
             }
