@@ -312,7 +312,8 @@ pub struct Options {
     pub dir: PathBuf,
     pub fsync: Fsync,
     /// Messages kept per room (at least 1), counted in ids: a room keeps the
-    /// messages among its newest `retain` ids.
+    /// messages among its newest `retain` ids, and until they are a chunk
+    /// (`retention_chunk`, a hundredth) up to that many older ones.
     pub retain: u64,
 }
 
