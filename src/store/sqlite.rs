@@ -80,10 +80,10 @@ pub const RETENTION_BATCH: u64 = 1000;
 /// is past it, in one range: a delete changes the same few pages whatever
 /// it deletes (the oldest leaf, its parent, the free-list trunk, the
 /// header page), so deleting as many rows as each commit appended, every
-/// commit, wrote about five pages more per commit to the log, which was
-/// the whole difference in CPU per message to the JSON-lines store under
-/// `--fsync always` (`docs/performance.md`). A room so keeps between N and
-/// N + N/100 - 1 messages (the JSON-lines store: up to a segment, N/10, more).
+/// commit, wrote about five pages more per commit to the log, most of the
+/// difference in CPU per message to the JSON-lines store under `--fsync
+/// always` (`docs/performance.md`). A room so keeps between N and N + chunk
+/// - 1 messages (the JSON-lines store: up to a segment, N/10, more).
 fn retention_chunk(retain: u64) -> u64 {
     (retain / 100).clamp(1, RETENTION_BATCH)
 }
