@@ -82,8 +82,9 @@ pub const RETENTION_BATCH: u64 = 1000;
 /// header page), so deleting as many rows as each commit appended, every
 /// commit, wrote about five pages more per commit to the log, most of the
 /// difference in CPU per message to the JSON-lines store under `--fsync
-/// always` (`docs/performance.md`). A room so keeps between N and N + chunk
-/// - 1 messages (the JSON-lines store: up to a segment, N/10, more).
+/// always` (`docs/performance.md`). A room so keeps at least N messages
+/// and fewer than N + chunk (the JSON-lines store: up to a segment, N/10,
+/// more).
 fn retention_chunk(retain: u64) -> u64 {
     (retain / 100).clamp(1, RETENTION_BATCH)
 }
