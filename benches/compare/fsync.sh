@@ -18,6 +18,10 @@
 # 100,000), each capped at 120 s. Loopback only. `cpu_seconds` has the
 # kernel's 10 ms resolution: 60,000 messages are about 0.4 s of server CPU,
 # so a run of 200,000 (MESSAGES=20000) measures to about 1 %.
+# STORE_FLAGS adds flags to every persisting server (e.g.
+# "--retain-messages 10000000": no retention during the run).
+# MODES names the modes to run (default "no-persist never everysec always"),
+# e.g. MODES=always to look at one.
 set -u
 cd "$(dirname "$0")/../.."
 cargo build --release --bins >/dev/null
@@ -30,7 +34,7 @@ port=18500
 messages=${MESSAGES:-6000}
 [ "$messages" -ge 1 ] && [ "$messages" -le 100000 ] || { echo "MESSAGES must be 1..100000" >&2; exit 2; }
 for run in $(seq ${ROUNDS:-3}); do
-  for mode in no-persist never everysec always; do
+  for mode in ${MODES:-no-persist never everysec always}; do
     for store in new base old; do
       if [ $store = old ]; then
         [ -n "$old" ] || continue
@@ -45,7 +49,7 @@ for run in $(seq ${ROUNDS:-3}); do
       fi
       port=$((port+1))
       dir=$(mktemp -d /tmp/lcbench.XXXX)
-      if [ $mode = no-persist ]; then flags="--no-persist"; else flags="--data-dir $dir --fsync $mode"; fi
+      if [ $mode = no-persist ]; then flags="--no-persist"; else flags="--data-dir $dir --fsync $mode ${STORE_FLAGS:-}"; fi
       taskset -c 0 $bin $flags --listen 127.0.0.1:$port --log-level warn --rate-per-s 100000 --rate-burst 100000 2>/dev/null &
       pid=$!
       for i in $(seq 50); do ss -ltn | grep -q ":$port " && break; sleep 0.1; done

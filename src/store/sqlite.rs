@@ -45,7 +45,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{legacy, Fsync, History, HistoryError, Kept};
-use checkpointer::{Checkpointer, Shared, CHECKPOINT_FRAMES, TAIL_FRAMES};
+use checkpointer::{checkpoint_frames, Checkpointer, Shared, TAIL_FRAMES};
 
 /// The database file in the data dir; SQLite adds `-wal` and `-shm` beside it.
 pub const DB_FILE: &str = "loopchat.db";
@@ -58,7 +58,11 @@ const LOCK_FILE: &str = "LOCK";
 pub const MIGRATED_DIR: &str = "rooms.migrated";
 
 /// The schema this code writes (`meta.schema`). A newer one is refused.
-const SCHEMA_VERSION: i64 = 2;
+/// Schema 3 has the tables of schema 2; what changed is what
+/// `rooms.last_id` means (a floor, see `last_id!`), so that a build of
+/// schema 2, which took it for the last id, refuses the file instead of
+/// handing out ids that are stored already.
+const SCHEMA_VERSION: i64 = 3;
 
 /// Descriptors the store holds whatever the number of rooms: the lock, the
 /// loop's database and log, the helper's database and log plus its own
@@ -70,6 +74,20 @@ pub const DESCRIPTORS: usize = 7;
 /// in it (so a steady room keeps up): bounds the loop's work per iteration
 /// while a backlog (a lowered `--retain-messages`) is worked off.
 pub const RETENTION_BATCH: u64 = 1000;
+
+/// A room's oldest messages are deleted once at least this share of its
+/// retention (1 in 100, at least 1 and at most [`RETENTION_BATCH`] rows)
+/// is past it, in one range: a delete changes the same few pages whatever
+/// it deletes (the oldest leaf, its parent, the free-list trunk, the
+/// header page), so deleting as many rows as each commit appended, every
+/// commit, wrote about five pages more per commit to the log, most of the
+/// difference in CPU per message to the JSON-lines store under `--fsync
+/// always` (`docs/performance.md`). A room so keeps at least N messages
+/// and fewer than N + chunk (the JSON-lines store: up to a segment, N/10,
+/// more).
+fn retention_chunk(retain: u64) -> u64 {
+    (retain / 100).clamp(1, RETENTION_BATCH)
+}
 
 /// Rooms retention looks at every [`SWEEP_EVERY`] commits besides those
 /// written in them, in turn, so that rooms nobody writes to any more are
@@ -201,11 +219,46 @@ const META: &str = "CREATE TABLE IF NOT EXISTS meta(
     value ANY
 ) WITHOUT ROWID;";
 
-const SELECT_ROOM: &str = "SELECT rid, last_id FROM rooms WHERE name = ?1";
+/// The last id stored in the room of the `rooms` row in scope: the greater
+/// of `rooms.last_id` and the id of the room's newest message (one descent
+/// of the rowid B-tree, from the end of the room's range). Commits do not
+/// write `rooms.last_id`: the newest message is the last id, and no commit
+/// has to change a second page (the `rooms` row) besides the messages' own.
+/// The column is only raised where the newest message alone would say too
+/// little: ids of a failed transaction (`carry`), a newest row quarantined,
+/// and an old store's reservation at migration. Retention never deletes a
+/// room's newest message (it keeps at least one id), so the rule holds
+/// whatever it deleted, and whatever a crash left (a message and its id are
+/// one row, committed or not together).
+macro_rules! last_id {
+    () => {
+        concat!(
+            "max(rooms.last_id, coalesce((SELECT key FROM messages
+                 WHERE key > (rooms.rid << ",
+            id_bits!(),
+            ") AND key <= ((rooms.rid << ",
+            id_bits!(),
+            ") | ((1 << ",
+            id_bits!(),
+            ") - 1)) ORDER BY key DESC LIMIT 1) & ((1 << ",
+            id_bits!(),
+            ") - 1), 0))"
+        )
+    };
+}
+
+const SELECT_ROOM: &str = concat!("SELECT rid, ", last_id!(), " FROM rooms WHERE name = ?1");
 const INSERT_ROOM: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, 0)";
 const UNDO_ROOM: &str = "DELETE FROM rooms WHERE rid = ?1";
 const INSERT_MESSAGE: &str = "INSERT INTO messages(key, ts, json) VALUES (?1, ?2, ?3)";
-const SET_LAST_ID: &str = "UPDATE rooms SET last_id = ?2 WHERE rid = ?1 AND last_id < ?2";
+/// Raises `rooms.last_id` of room `?1` to its last id, before a row that
+/// may be its newest is deleted (quarantine): without it, that id would be
+/// handed out again (see `last_id!`).
+const FREEZE_LAST_ID: &str = concat!(
+    "UPDATE rooms SET last_id = ",
+    last_id!(),
+    " WHERE name = ?1"
+);
 const SAVE_LAST_ID: &str = "INSERT INTO rooms(name, last_id) VALUES (?1, ?2)
      ON CONFLICT(name) DO UPDATE SET last_id = max(last_id, excluded.last_id)";
 /// Room `?1`'s messages with ids up to `?2` (`-1..=MAX_ID`), newest first.
@@ -238,7 +291,11 @@ const AFTER: &str = concat!(
 /// The oldest key in a room's range `?1..=?2`.
 const OLDEST: &str = "SELECT key FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key LIMIT 1";
 const DELETE_RANGE: &str = "DELETE FROM messages WHERE key BETWEEN ?1 AND ?2";
-const SWEEP: &str = "SELECT rid, last_id FROM rooms WHERE rid > ?1 ORDER BY rid LIMIT ?2";
+const SWEEP: &str = concat!(
+    "SELECT rid, ",
+    last_id!(),
+    " FROM rooms WHERE rid > ?1 ORDER BY rid LIMIT ?2"
+);
 const QUARANTINE: &str = concat!(
     "INSERT OR REPLACE INTO quarantine(room, id, json, found_ms)
      SELECT key >> ",
@@ -256,7 +313,8 @@ pub struct Options {
     pub dir: PathBuf,
     pub fsync: Fsync,
     /// Messages kept per room (at least 1), counted in ids: a room keeps the
-    /// messages among its newest `retain` ids.
+    /// messages among its newest `retain` ids, and until they are a chunk
+    /// (`retention_chunk`, a hundredth) up to that many older ones.
     pub retain: u64,
 }
 
@@ -439,6 +497,8 @@ pub struct SqliteHistory {
     woke_at: Option<u64>,
     /// Log length at the loop's last checkpoint.
     loop_checkpoint_at: u64,
+    /// Log length at which the helper is woken (`checkpoint_frames`).
+    checkpoint_frames: u64,
     corrupt_rows: u64,
     retention_deleted: u64,
     migrated: u64,
@@ -707,6 +767,15 @@ impl SqliteHistory {
                 })
             }
             Some(1) => upgrade_from_1(&conn, &db_path, opts.fsync)?,
+            // Same tables; `rooms.last_id` holds every room's last id, a
+            // valid floor (`last_id!`).
+            Some(2) => conn
+                .execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema'",
+                    [SCHEMA_VERSION],
+                )
+                .map(|_| ())
+                .map_err(db_err)?,
             Some(_) => conn.execute_batch(SCHEMA).map_err(db_err)?,
             None => {
                 conn.execute_batch(SCHEMA).map_err(db_err)?;
@@ -778,6 +847,7 @@ impl SqliteHistory {
             tail_checkpoints: 0,
             woke_at: None,
             loop_checkpoint_at: 0,
+            checkpoint_frames: checkpoint_frames(opts.fsync),
             corrupt_rows: 0,
             retention_deleted: 0,
             migrated,
@@ -1007,6 +1077,9 @@ impl SqliteHistory {
             return;
         }
         let moved: rusqlite::Result<()> = (|| {
+            // In the same transaction as the deletes: the room's last id
+            // must not go down with its newest row.
+            self.conn.prepare_cached(FREEZE_LAST_ID)?.execute([room])?;
             let mut copy = self.conn.prepare_cached(QUARANTINE)?;
             let mut delete = self.conn.prepare_cached(DELETE_ONE)?;
             for &key in bad {
@@ -1092,31 +1165,19 @@ impl SqliteHistory {
         self.failed(e)
     }
 
-    /// Brings `rooms.last_id` of the rooms written in this transaction up to
-    /// their last stored id.
-    fn save_last_ids(&mut self) -> rusqlite::Result<()> {
-        let mut set = self.conn.prepare_cached(SET_LAST_ID)?;
-        for (name, rid) in &self.txn_rooms {
-            if let Some(live) = self.live.get(name) {
-                set.execute(params![rid, i64::try_from(live.stored).unwrap_or(i64::MAX)])?;
-            }
-        }
-        Ok(())
-    }
-
     /// Retention for this commit: first the rooms written in it, then a few
     /// others in turn, deleting at most a budget of rows in all.
     fn trim(&mut self) -> rusqlite::Result<()> {
         let mut budget = RETENTION_BATCH + self.txn_appends;
+        let chunk = retention_chunk(self.retain);
         let mut targets: Vec<TrimTarget> = Vec::new();
         for (name, rid) in &self.txn_rooms {
             if let Some(live) = self.live.get(name) {
-                // Known to hold nothing old enough: no query at all (the
-                // common case, every commit of a room under its retention).
-                if live
-                    .oldest
-                    .is_some_and(|o| o.saturating_add(self.retain) > live.stored)
-                {
+                // Known to hold less than a chunk past its retention: no
+                // query at all (the common case, nearly every commit).
+                if live.oldest.is_some_and(|o| {
+                    o.saturating_add(self.retain).saturating_add(chunk - 1) > live.stored
+                }) {
                     continue;
                 }
                 targets.push((*rid, live.stored, live.oldest, Some(name.clone())));
@@ -1163,7 +1224,7 @@ impl SqliteHistory {
                 continue;
             };
             let mut next_oldest = lo;
-            if lo <= cutoff {
+            if lo <= cutoff && cutoff - lo + 1 >= chunk {
                 // Ids are unique, so this range holds at most `budget` rows.
                 let hi = cutoff.min(lo.saturating_add(budget - 1));
                 let (first, last) = key_range(rid, lo, hi);
@@ -1192,7 +1253,7 @@ impl SqliteHistory {
         let done = s.backfilled.load(Ordering::SeqCst);
         if done == 0 {
             // Once per log: the commit that took it past the threshold.
-            if frames >= CHECKPOINT_FRAMES
+            if frames >= self.checkpoint_frames
                 && self.woke_at != Some(s.restarts.load(Ordering::SeqCst))
             {
                 self.woke_at = Some(s.restarts.load(Ordering::SeqCst));
@@ -1496,9 +1557,8 @@ impl History for SqliteHistory {
             self.failing = true;
             return Err(e);
         }
-        // Inserted with the iteration's others by `flush`, and
-        // `rooms.last_id` brought up once per room at commit, in the same
-        // transaction: one row write per room per iteration, not per message.
+        // Inserted with the iteration's others by `insert_pending`; the row
+        // is the room's last id too (`last_id!`), no `rooms` write.
         self.pending.push(Pending {
             key,
             json: msg.json,
@@ -1566,9 +1626,9 @@ impl History for SqliteHistory {
             };
         }
         let start = Instant::now();
-        // Without the last ids the ids of this transaction could be given
-        // again: no commit without them.
-        if let Err(e) = self.insert_pending().and_then(|()| self.save_last_ids()) {
+        // The rooms' last ids are their newest messages (`last_id!`):
+        // nothing else to write.
+        if let Err(e) = self.insert_pending() {
             let e = self.roll_back(e);
             // Reported by this error, not again by the next commit.
             self.lost = None;
@@ -1751,7 +1811,15 @@ mod tests {
     fn reads_are_range_searches_of_the_primary_key() {
         let tmp = TempDir::new("plan");
         let h = SqliteHistory::open(&opts(&tmp.0, 10)).expect("open");
-        for sql in [BEFORE, AFTER, OLDEST, DELETE_RANGE, SELECT_ROOM] {
+        for sql in [
+            BEFORE,
+            AFTER,
+            OLDEST,
+            DELETE_RANGE,
+            SELECT_ROOM,
+            SWEEP,
+            FREEZE_LAST_ID,
+        ] {
             let mut stmt = h
                 .conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
@@ -1773,6 +1841,26 @@ mod tests {
         }
     }
 
+    /// With `everysec` the log is four times longer before the helper
+    /// checkpoints it: there the syncs of its starting over are the loop's
+    /// only ones.
+    #[test]
+    fn everysec_lets_the_log_grow_longer_before_a_checkpoint() {
+        for (fsync, frames) in [
+            (Fsync::Always, 1000),
+            (Fsync::Everysec, 4000),
+            (Fsync::Never, 1000),
+        ] {
+            let tmp = TempDir::new("threshold");
+            let h = SqliteHistory::open(&Options {
+                fsync,
+                ..opts(&tmp.0, 100)
+            })
+            .expect("open");
+            assert_eq!(h.checkpoint_frames, frames, "{fsync}");
+        }
+    }
+
     /// The loop copies the short rest a helper's checkpoint left, so that
     /// the next commit starts the log over (under a load without pauses a
     /// passive checkpoint never reaches the log's end by itself); a rest
@@ -1787,7 +1875,7 @@ mod tests {
             h.commit().expect("commit");
         }
         let frames = h.shared.frames.load(Ordering::SeqCst);
-        assert!(frames > 2 && frames < CHECKPOINT_FRAMES, "{frames}");
+        assert!(frames > 2 && frames < h.checkpoint_frames, "{frames}");
         let restarts = counter(&h, "store_wal_restarts");
         let as_if_the_helper_copied = |h: &SqliteHistory, done: u64| {
             let s = &h.shared;
@@ -1813,7 +1901,7 @@ mod tests {
         assert_eq!(counter(&h, "store_tail_checkpoints"), 0);
         assert_eq!(counter(&h, "store_wal_restarts"), restarts);
         let frames = h.shared.frames.load(Ordering::SeqCst);
-        assert!(frames < CHECKPOINT_FRAMES, "{frames}");
+        assert!(frames < h.checkpoint_frames, "{frames}");
 
         // A short rest: copied by the loop, then the log starts over.
         send(&mut h, "busy", 20);
@@ -1840,7 +1928,7 @@ mod tests {
                 ..opts(&tmp.0, 1_000_000)
             })
             .expect("open");
-            while h.shared.frames.load(Ordering::SeqCst) < CHECKPOINT_FRAMES {
+            while h.shared.frames.load(Ordering::SeqCst) < h.checkpoint_frames {
                 send(&mut h, "busy", 50);
                 h.commit().expect("commit");
             }
@@ -1880,6 +1968,67 @@ mod tests {
         let mut h = SqliteHistory::open(&o).expect("reopen");
         assert_eq!(ids(&h.last("r", 10).expect("last")), vec![1, 2, 3, 6]);
         assert_eq!(h.reserve_id("r").expect("id"), 7);
+    }
+
+    /// A commit writes the messages and nothing else: `rooms.last_id`
+    /// stays as it was, and the room's last id, after a reopen, is its
+    /// newest message's, also once retention deleted the older ones.
+    #[test]
+    fn a_commit_leaves_the_rooms_row_alone_and_ids_come_from_the_newest_message() {
+        let tmp = TempDir::new("lastid");
+        let o = opts(&tmp.0, 3);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        for _ in 0..4 {
+            send(&mut h, "r", 5);
+            h.commit().expect("commit");
+        }
+        let floor: i64 = h
+            .conn
+            .query_row("SELECT last_id FROM rooms WHERE name = 'r'", [], |r| {
+                r.get(0)
+            })
+            .expect("row");
+        assert_eq!(floor, 0, "no commit wrote the rooms row");
+        assert_eq!(ids(&h.last("r", 10).expect("last")), vec![18, 19, 20]);
+        drop(h);
+        let mut h = SqliteHistory::open(&o).expect("reopen");
+        assert_eq!(h.reserve_id("r").expect("id"), 21);
+        // A floor above the newest message wins (a failed transaction's
+        // ids, an old store's reservation).
+        h.conn
+            .execute("UPDATE rooms SET last_id = 40 WHERE name = 'r'", [])
+            .expect("floor");
+        h.release("r");
+        assert_eq!(h.reserve_id("r").expect("id"), 41);
+    }
+
+    /// A database of schema 2 (whose commits kept `rooms.last_id` at the
+    /// last stored id) opens as schema 3 with its ids going on from there,
+    /// messages deleted or not.
+    #[test]
+    fn a_schema_2_database_opens_as_3_and_keeps_its_last_ids() {
+        let tmp = TempDir::new("schema2");
+        let o = opts(&tmp.0, 100);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        send(&mut h, "r", 7);
+        h.commit().expect("commit");
+        h.conn
+            .execute_batch(
+                "UPDATE rooms SET last_id = 9 WHERE name = 'r';
+                 DELETE FROM messages WHERE id > 5;
+                 UPDATE meta SET value = 2 WHERE key = 'schema';",
+            )
+            .expect("as schema 2 left it");
+        drop(h);
+        let mut h = SqliteHistory::open(&o).expect("reopen");
+        let schema: i64 = h
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .expect("schema");
+        assert_eq!(schema, 3);
+        assert_eq!(h.reserve_id("r").expect("id"), 10);
     }
 
     /// `store_rooms` counts rows of `rooms`: a room created by a
@@ -1990,6 +2139,31 @@ mod tests {
         );
     }
 
+    /// A room's oldest messages go once a hundredth of its retention is
+    /// past it, in one delete, not a few rows every commit.
+    #[test]
+    fn retention_deletes_a_chunk_at_a_time() {
+        let tmp = TempDir::new("chunk");
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 1000)).expect("open");
+        assert_eq!(retention_chunk(1000), 10);
+        send(&mut h, "r", 1000);
+        h.commit().expect("commit");
+        // Nine past the retention: kept.
+        for _ in 0..9 {
+            send(&mut h, "r", 1);
+            h.commit().expect("commit");
+        }
+        assert_eq!(counter(&h, "store_retention_deleted"), 0);
+        assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 1);
+        // The tenth: all ten go, the newest 1,000 stay.
+        send(&mut h, "r", 1);
+        h.commit().expect("commit");
+        assert_eq!(counter(&h, "store_retention_deleted"), 10);
+        assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 11);
+        assert_eq!(retention_chunk(10), 1);
+        assert_eq!(retention_chunk(100_000_000), RETENTION_BATCH);
+    }
+
     #[test]
     fn an_unreadable_row_is_reported_once_and_never_served() {
         let tmp = TempDir::new("corruptrow");
@@ -2018,6 +2192,28 @@ mod tests {
             .query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))
             .expect("count");
         assert_eq!(quarantined, 2);
+    }
+
+    /// Quarantining a room's newest row does not lower its last id: the
+    /// next message, after the room's state was dropped or a restart, gets
+    /// the id after it, not the quarantined row's id again.
+    #[test]
+    fn a_quarantined_newest_row_keeps_its_id_taken() {
+        let tmp = TempDir::new("quarantinelast");
+        let o = opts(&tmp.0, 100);
+        let mut h = SqliteHistory::open(&o).expect("open");
+        send(&mut h, "r", 3);
+        h.commit().expect("commit");
+        h.conn
+            .execute("UPDATE messages SET json = 'not json' WHERE id = 3", [])
+            .expect("damage");
+        assert_eq!(ids(&h.last("r", 10).expect("last")), vec![1, 2]);
+        h.commit().expect("commit");
+        h.release("r");
+        assert_eq!(h.reserve_id("r").expect("id"), 4);
+        drop(h);
+        let mut h = SqliteHistory::open(&o).expect("reopen");
+        assert_eq!(h.reserve_id("r").expect("id"), 4);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!   `synchronous=NORMAL` only write to the page cache);
 //! - in every mode, checkpoints: copying committed pages from the log into
 //!   the database file (and, unless `never`, syncing both), through its own
-//!   SQLite connection, once the log holds [`CHECKPOINT_FRAMES`] pages.
+//!   SQLite connection, once the log holds [`checkpoint_frames`] pages.
 //!   The loop's connection has automatic checkpoints off (its WAL hook
 //!   replaces them). Under a load without pauses a passive checkpoint never
 //!   copies all of the log (the loop commits while it runs), and a log
@@ -42,15 +42,25 @@ pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// Time between two syncs of the log with `everysec`.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// Pages in the log before the thread checkpoints (about 4 MiB with 4 KiB
-/// pages; SQLite's own automatic checkpoints come at 1,000). The loop wakes
-/// the thread when the log passes it. Each checkpoint lets the log start
-/// over, so that commits write to pages of the file the kernel already
-/// holds (a log that only grows costs a new page of the page cache per
-/// page written, which was the largest single cost per message); a log
-/// that starts over has its header synced by the next commit, on the loop
-/// (unless `never`): the shorter the log, the more often.
-pub(crate) const CHECKPOINT_FRAMES: u64 = 1000;
+/// Pages in the log before the thread checkpoints: 1,000 (about 4 MiB with
+/// 4 KiB pages; SQLite's own automatic checkpoints come at 1,000), 4,000
+/// (16 MiB) with `everysec`. The loop wakes the thread when the log passes
+/// it. Each checkpoint lets the log start over, so that commits write to
+/// pages of the file the kernel already holds (a log that only grows costs
+/// a new page of the page cache per page written, which was the largest
+/// single cost per message). A log that starts over has its header synced
+/// by the next commit, on the loop, and the rest the thread's checkpoint
+/// left is copied and synced on the loop too (unless `never`): the shorter
+/// the log, the more often the loop waits for those syncs. With `always`
+/// the loop syncs every commit anyway; with `everysec` those are its only
+/// syncs, so there the log is longer: a quarter as many restarts (measured
+/// in `docs/persistence.md`, "50,000 rooms with one message each").
+pub(crate) fn checkpoint_frames(fsync: Fsync) -> u64 {
+    match fsync {
+        Fsync::Everysec => 4000,
+        Fsync::Always | Fsync::Never => 1000,
+    }
+}
 
 /// The most pages a checkpoint may leave behind for the loop to copy
 /// itself (about 1 MiB): small enough that the loop's checkpoint is a
@@ -147,6 +157,7 @@ fn run(conn: &Connection, wal: &PathBuf, fsync: Fsync, shared: &Shared, rx: &Rec
     // A log already checkpointed stays this long until the loop's next
     // write starts it over: do not checkpoint it again meanwhile.
     let mut checkpointed_at = 0;
+    let threshold = checkpoint_frames(fsync);
     loop {
         let stopping = match rx.recv_timeout(TICK) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => false,
@@ -164,7 +175,7 @@ fn run(conn: &Connection, wal: &PathBuf, fsync: Fsync, shared: &Shared, rx: &Rec
             return;
         }
         let frames = shared.frames.load(Ordering::SeqCst);
-        if frames >= CHECKPOINT_FRAMES && frames != checkpointed_at {
+        if frames >= threshold && frames != checkpointed_at {
             let restarts = shared.restarts.load(Ordering::SeqCst);
             let mut copied = 0;
             for _ in 0..PASSES {
