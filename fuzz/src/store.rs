@@ -10,9 +10,11 @@
 //! data dir (in `/dev/shm` when there is one), removed when the input is
 //! done.
 //!
-//! The model: per room, ids 1, 2, 3, … in order of appends; at each commit
-//! (and at a reopening, since dropping the store commits), a room written
-//! since the last one keeps only its newest `retain` ids.
+//! The model: per room, ids 1, 2, 3, … in order of appends; a read shows
+//! only the newest `retain` ids (the store deletes older ones a chunk at a
+//! time and never serves what it has let go); at each commit (and at a
+//! reopening, since dropping the store commits), a room written since the
+//! last one drops what is past them.
 //!
 //! Invariants after every step: every id and every page equals the
 //! model's, each room's whole content does too, and the store is healthy.
@@ -52,6 +54,8 @@ struct Model {
     rooms: BTreeMap<&'static str, (u64, Msgs)>,
     /// Rooms written since the last commit.
     written: Vec<&'static str>,
+    /// Ids a read shows per room (`--retain-messages`).
+    retain: u64,
 }
 
 impl Model {
@@ -84,8 +88,12 @@ impl Model {
         }
     }
 
+    /// What a read may show: the newest `retain` ids.
     fn msgs(&self, room: &str) -> &[(u64, String)] {
-        self.rooms.get(room).map_or(&[], |(_, m)| m.as_slice())
+        self.rooms.get(room).map_or(&[], |(last, m)| {
+            let cutoff = last.saturating_sub(self.retain);
+            &m[m.partition_point(|(id, _)| *id <= cutoff)..]
+        })
     }
 
     fn last(&self, room: &str, n: usize) -> Msgs {
@@ -176,7 +184,10 @@ pub fn run(data: &[u8]) {
         retain: 1 + u64::from(setup % 16),
     };
     let mut store = open(&opts);
-    let mut model = Model::default();
+    let mut model = Model {
+        retain: opts.retain,
+        ..Model::default()
+    };
     let mut reopens = 0;
     for step_no in 0..MAX_STEPS {
         if input.is_empty() {

@@ -1004,6 +1004,28 @@ impl SqliteHistory {
             .ok_or_else(|| HistoryError::Corrupt("room state vanished".into()))
     }
 
+    /// The highest id of `room` that retention has let go: its last stored
+    /// id less `--retain-messages`. Retention deletes a chunk at a time
+    /// (`retention_chunk`), so up to a chunk of rows at or below this may
+    /// still be on disk; reads do not serve them, so a client sees at most
+    /// the newest `retain` messages, as it did when every commit trimmed.
+    fn retained_floor(&mut self, room: &str) -> Result<u64, HistoryError> {
+        if let Some(live) = self.live.get(room) {
+            return Ok(live.stored.saturating_sub(self.retain));
+        }
+        let last: rusqlite::Result<Option<i64>> = self
+            .conn
+            .prepare_cached(SELECT_ROOM)
+            .and_then(|mut find| find.query_row([room], |r| r.get(1)).optional());
+        match last {
+            Ok(last) => Ok(last
+                .and_then(|l| u64::try_from(l).ok())
+                .unwrap_or(0)
+                .saturating_sub(self.retain)),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
     /// Rows of one page query, oldest first when `newest_first` is false.
     /// Rows whose JSON does not parse, or names another id than the row's
     /// key, are moved to `quarantine` (reported once, never served).
@@ -1584,7 +1606,8 @@ impl History for SqliteHistory {
         if since >= MAX_ID {
             return Ok(Vec::new());
         }
-        self.page(AFTER, room, since as i64, max, false)
+        let floor = self.retained_floor(room)?;
+        self.page(AFTER, room, since.max(floor) as i64, max, false)
     }
 
     fn before(
@@ -1596,7 +1619,12 @@ impl History for SqliteHistory {
         // The last id wanted, -1 for none (`before` 0); both caps fit in
         // an i64 with room to spare.
         let last = before.map_or(MAX_ID as i64, |b| b.min(MAX_ID + 1) as i64 - 1);
-        self.page(BEFORE, room, last, limit, true)
+        let floor = self.retained_floor(room)?;
+        let mut page = self.page(BEFORE, room, last, limit, true)?;
+        // Oldest first: what is under the floor is at the front, and a
+        // page short for it has nothing older to show anyway.
+        page.retain(|k| k.id > floor);
+        Ok(page)
     }
 
     fn release(&mut self, room: &str) {
@@ -2154,12 +2182,31 @@ mod tests {
             h.commit().expect("commit");
         }
         assert_eq!(counter(&h, "store_retention_deleted"), 0);
-        assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 1);
+        let on_disk = |h: &SqliteHistory| -> i64 {
+            h.conn
+                .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+                .expect("count")
+        };
+        assert_eq!(on_disk(&h), 1009);
+        // Still on disk, but reads serve only the newest 1,000.
+        assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 10);
+        let page = h.before("r", Some(12), 5).expect("before");
+        assert_eq!(ids(&page), vec![10, 11]);
         // The tenth: all ten go, the newest 1,000 stay.
         send(&mut h, "r", 1);
         h.commit().expect("commit");
         assert_eq!(counter(&h, "store_retention_deleted"), 10);
+        assert_eq!(on_disk(&h), 1000);
         assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 11);
+        // The same floor for a room read after its state was dropped (a
+        // fresh open reads the last id from the database).
+        send(&mut h, "r", 5);
+        h.commit().expect("commit");
+        drop(h);
+        let mut h = SqliteHistory::open(&opts(&tmp.0, 1000)).expect("reopen");
+        assert_eq!(on_disk(&h), 1005);
+        assert_eq!(h.after("r", 0, 1).expect("after")[0].id, 16);
+        assert_eq!(ids(&h.before("r", Some(17), 3).expect("before")), vec![16]);
         assert_eq!(retention_chunk(10), 1);
         assert_eq!(retention_chunk(100_000_000), RETENTION_BATCH);
     }
