@@ -690,7 +690,7 @@ fn password_and_database_from_the_url() {
     let mut redis = Redis::stopped(redis::free_port(), false);
     redis.password = Some("s3cret".into());
     redis.restart(deadline);
-    let url = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
+    let url = format!("redis://:s3cret@{}:{}/3", redis::HOST, redis.port);
     let mut a = Bin::start(&["--redis", &url], None, deadline);
     a.wait_line("redis connected", deadline, |l| {
         l.contains("connected to redis")
@@ -709,7 +709,7 @@ fn password_and_database_from_the_url() {
     );
     assert_eq!(pipeline.last(), Some(&Reply::Bulk(b"1".to_vec())));
     // A wrong password is a link that never gets ready: 503.
-    let wrong = format!("redis://:nope@127.0.0.1:{}/3", redis.port);
+    let wrong = format!("redis://:nope@{}:{}/3", redis::HOST, redis.port);
     let b = Bin::start(&["--redis", &wrong], None, deadline);
     assert_eq!(upgrade_status(&b, "username=bob"), 503);
 }

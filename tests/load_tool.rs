@@ -195,13 +195,15 @@ fn churn_completes_every_cycle() {
 
 /// Idle sessions against a port nobody listens on: each counts as a
 /// failure with its reason, and the run exits 1 rather than reporting success.
+/// The address is one no test server uses (they are all on 127.0.0.1), so
+/// a server started meanwhile by another test cannot take the port.
 #[test]
 fn failures_are_counted_and_fail_the_run() {
     let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listener = std::net::TcpListener::bind("127.0.0.11:0").expect("bind");
         listener.local_addr().expect("addr").port()
     };
-    let url = format!("ws://127.0.0.1:{port}/ws");
+    let url = format!("ws://127.0.0.11:{port}/ws");
     let (code, out, err) = run_load(&[
         "idle", "--url", &url, "--conns", "5", "--hold-s", "0", "--json", "--quiet",
     ]);

@@ -27,9 +27,15 @@ pub struct Redis {
     lines: Option<Receiver<String>>,
 }
 
-/// A port nobody listens on right now.
+/// The address the test Redis servers listen on: not the nodes' 127.0.0.1, so
+/// that a node's own `127.0.0.1:0` listener can never be given the port a
+/// stopped Redis is waiting to take (a node started before its Redis once
+/// got that port and connected to itself).
+pub const HOST: &str = "127.0.0.2";
+
+/// A port nobody listens on right now (on [`HOST`]).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let l = TcpListener::bind((HOST, 0)).expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
 }
 
@@ -63,7 +69,7 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://{HOST}:{}", self.port)
     }
 
     /// (Re)start the process on the same port and dir (with AOF, the data
@@ -71,7 +77,7 @@ impl Redis {
     pub fn restart(&mut self, deadline: Instant) {
         assert!(self.child.is_none(), "redis already running");
         let spawned = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &self.port.to_string(), "--bind", HOST])
             .arg("--dir")
             .arg(&self.dir)
             .args(["--save", "", "--logfile", "", "--daemonize", "no"])
@@ -147,7 +153,7 @@ impl Drop for Redis {
 /// One command to the Redis on `port`, on a fresh connection (usable from
 /// another thread); the reply.
 pub fn command_on(port: u16, args: &[&str]) -> Reply {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    let mut s = TcpStream::connect((HOST, port)).expect("connect to redis");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut out = Vec::new();
@@ -168,7 +174,7 @@ pub fn command_on(port: u16, args: &[&str]) -> Reply {
 /// Several commands on one connection (AUTH, SELECT, then the question);
 /// every reply, in order.
 pub fn pipeline_on(port: u16, commands: &[&[&str]]) -> Vec<Reply> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    let mut s = TcpStream::connect((HOST, port)).expect("connect to redis");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut out = Vec::new();
