@@ -8,7 +8,7 @@
 //! Invariants: no panic; every rejection carries an error code documented
 //! in the protocol (§5) and a bounded explanation; an accepted command is
 //! exactly what a generic JSON parser reads from the same text; text that
-//! is not JSON is always `bad_json`; handled by a dispatcher, the frame
+//! is not JSON by the grammar is always `bad_json`; handled by a dispatcher, the frame
 //! produces only well-formed events (`type` and `content` strings), errors
 //! with documented codes, and messages within the content limit in rooms
 //! whose names follow the rule.
@@ -50,13 +50,24 @@ pub fn run(data: &[u8]) {
 
 fn check_decode(text: &str) {
     let generic: Option<Value> = serde_json::from_str(text).ok();
+    // JSON by the grammar: what serde_json accepts when it only skips the
+    // values. It differs from `generic` for a string with a lone surrogate
+    // escape (`"\ud834"`): grammatical JSON (RFC 8259 §8.2) that no Rust
+    // string can hold, so `Value` refuses the whole text, while the decoder
+    // skips it in a field no command reads.
+    let grammatical = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
     match protocol::decode(text) {
         Ok((command, reference)) => {
             if let Some(r) = &reference {
                 assert!(r.chars().count() <= MAX_REF_CHARS, "ref over the limit");
             }
-            let Some(Value::Object(obj)) = generic else {
-                panic!("decoded {command:?} from text that is not a JSON object");
+            let obj = match generic {
+                Some(Value::Object(obj)) => obj,
+                // Every field a command reads is a Rust string or number,
+                // which a lone surrogate cannot become: such a text decodes
+                // only with the surrogate in an ignored field.
+                None if grammatical && text.trim_start().starts_with('{') => return,
+                _ => panic!("decoded {command:?} from text that is not a JSON object"),
             };
             let field = |name: &str| obj.get(name).and_then(Value::as_str);
             let number = |name: &str| obj.get(name).and_then(Value::as_u64);
@@ -106,7 +117,7 @@ fn check_decode(text: &str) {
                     "echoed ref over the limit"
                 );
             }
-            if generic.is_none() {
+            if !grammatical {
                 assert_eq!(code, "bad_json", "text that is not JSON got {code}");
             }
         }
