@@ -82,9 +82,10 @@ pub const RETENTION_BATCH: u64 = 1000;
 /// header page), so deleting as many rows as each commit appended, every
 /// commit, wrote about five pages more per commit to the log, most of the
 /// difference in CPU per message to the JSON-lines store under `--fsync
-/// always` (`docs/performance.md`). A room so keeps at least N messages
-/// and fewer than N + chunk (the JSON-lines store: up to a segment, N/10,
-/// more).
+/// always` (`docs/performance.md`). A room so holds at least N messages
+/// on disk and fewer than N + chunk (the JSON-lines store: up to a
+/// segment, N/10, more); reads never serve the ones past N
+/// (`SqliteHistory::retained_floor`).
 fn retention_chunk(retain: u64) -> u64 {
     (retain / 100).clamp(1, RETENTION_BATCH)
 }
@@ -312,9 +313,10 @@ pub struct Options {
     /// Data directory (created if missing).
     pub dir: PathBuf,
     pub fsync: Fsync,
-    /// Messages kept per room (at least 1), counted in ids: a room keeps the
-    /// messages among its newest `retain` ids, and until they are a chunk
-    /// (`retention_chunk`, a hundredth) up to that many older ones.
+    /// Messages kept per room (at least 1), counted in ids: reads serve the
+    /// messages among a room's newest `retain` ids (`retained_floor`); on
+    /// disk it also holds up to a chunk (`retention_chunk`, a hundredth) of
+    /// older ones until retention deletes them together.
     pub retain: u64,
 }
 
