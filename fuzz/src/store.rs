@@ -11,10 +11,8 @@
 //! done.
 //!
 //! The model: per room, ids 1, 2, 3, … in order of appends; a read shows
-//! only the newest `retain` ids (the store deletes older ones a chunk at a
-//! time and never serves what it has let go); at each commit (and at a
-//! reopening, since dropping the store commits), a room written since the
-//! last one drops what is past them.
+//! only the newest `retain` ids (the store deletes older ones at commits, a
+//! chunk at a time, and never serves what it has let go).
 //!
 //! Invariants after every step: every id and every page equals the
 //! model's, each room's whole content does too, and the store is healthy.
@@ -52,8 +50,6 @@ type Msgs = Vec<(u64, String)>;
 struct Model {
     /// Per room: the last id handed out, and what is kept.
     rooms: BTreeMap<&'static str, (u64, Msgs)>,
-    /// Rooms written since the last commit.
-    written: Vec<&'static str>,
     /// Ids a read shows per room (`--retain-messages`).
     retain: u64,
 }
@@ -73,19 +69,7 @@ impl Model {
         });
         let json = event.to_string();
         entry.1.push((id, json.clone()));
-        if !self.written.contains(&room) {
-            self.written.push(room);
-        }
         (id, json)
-    }
-
-    fn commit(&mut self, retain: u64) {
-        for room in self.written.drain(..) {
-            if let Some((last, msgs)) = self.rooms.get_mut(room) {
-                let cutoff = last.saturating_sub(retain);
-                msgs.retain(|(id, _)| *id > cutoff);
-            }
-        }
     }
 
     /// What a read may show: the newest `retain` ids.
@@ -194,14 +178,13 @@ pub fn run(data: &[u8]) {
             break;
         }
         let may_reopen = reopens < MAX_REOPENS;
-        let what = match step(&mut input, &mut store, &mut model, opts.retain, may_reopen) {
+        let what = match step(&mut input, &mut store, &mut model, may_reopen) {
             Step::Did(what) => what,
             Step::Reopen => {
                 reopens += 1;
                 // A clean stop commits what is open; the lock is released
                 // before the second open takes it.
                 drop(store);
-                model.commit(opts.retain);
                 store = open(&opts);
                 Did {
                     text: "reopen".to_string(),
@@ -255,13 +238,7 @@ enum Step {
 }
 
 /// Decodes and runs one operation (a reopening only while `may_reopen`).
-fn step(
-    input: &mut Input,
-    s: &mut SqliteHistory,
-    model: &mut Model,
-    retain: u64,
-    may_reopen: bool,
-) -> Step {
+fn step(input: &mut Input, s: &mut SqliteHistory, model: &mut Model, may_reopen: bool) -> Step {
     let op = input.byte();
     let room = ROOMS[usize::from(op >> 5) % ROOMS.len()];
     let bound = |input: &mut Input| u64::from(input.byte()) % MAX_ID_BOUND;
@@ -327,7 +304,6 @@ fn step(
             if let Err(e) = s.commit() {
                 panic!("commit failed: {e}");
             }
-            model.commit(retain);
             "commit".to_string()
         }
         _ if may_reopen => return Step::Reopen,
@@ -335,7 +311,6 @@ fn step(
             if let Err(e) = s.commit() {
                 panic!("commit failed: {e}");
             }
-            model.commit(retain);
             "commit".to_string()
         }
     };
